@@ -1,0 +1,26 @@
+# The two commands: `make train` (main job on the bundled digits data) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test test-fast venv clean
+
+venv: $(STAMP)
+
+# Recreate the environment whenever the pins change.
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,99 @@
+"""Data sets, transforms and loaders, built from the ``data`` config."""
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from data.digits import DigitsDataset
+from data.errors import DataError
+from data.folder import has_folder_layout, image_folder, torchvision_cifar
+from data.samplers import ShardSampler, balanced_indices
+from data.transforms import cifar_transform, digits_transform, imagenet_transform
+from engine.config import DataConfig
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
+
+
+def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
+    """The train or val split named by ``cfg.name``, transformed, before any subsetting."""
+    if cfg.name == "digits":
+        return DigitsDataset(train, cfg.image_size, digits_transform(cfg, train))
+    if cfg.name not in DATASETS:
+        raise DataError(f"data: unknown data set '{cfg.name}'; valid names: {', '.join(DATASETS)}")
+    if not cfg.root:
+        raise DataError(f"data={cfg.name} needs data.root=DIR")
+    root = Path(cfg.root).expanduser()
+    split = "train" if train else "val"
+    if cfg.name in ("cifar10", "cifar100"):
+        transform = cifar_transform(cfg, train)
+        if has_folder_layout(root):
+            return image_folder(root, split, transform)
+        return torchvision_cifar(cfg.name, root, train, cfg.download, transform)
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist; point it at a folder with train/ and val/")
+    return image_folder(root, split, imagenet_transform(cfg, train))
+
+
+def _check_classes(cfg: DataConfig, train_set: Dataset, val_set: Dataset) -> None:
+    """The class lists of both splits agree with each other and with ``num_classes``."""
+    train_classes, val_classes = train_set.classes, val_set.classes
+    if list(train_classes) != list(val_classes):
+        raise DataError(
+            f"data ({cfg.name}): train has classes {list(train_classes)[:5]}... but val has "
+            f"{list(val_classes)[:5]}...; both splits need the same class folders"
+        )
+    if len(train_classes) != cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but the {cfg.name} data has "
+            f"{len(train_classes)} classes; set data.num_classes={len(train_classes)}"
+        )
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Train and val sets, checked against ``num_classes`` and cut to class-balanced subsets if asked."""
+    train_set, val_set = build_dataset(cfg, True), build_dataset(cfg, False)
+    _check_classes(cfg, train_set, val_set)
+    if cfg.max_train_samples:
+        train_set = Subset(train_set, balanced_indices(train_set.targets, cfg.max_train_samples, seed))
+    if cfg.max_val_samples:
+        val_set = Subset(val_set, balanced_indices(val_set.targets, cfg.max_val_samples, seed))
+    return train_set, val_set
+
+
+def build_loaders(
+    cfg: DataConfig, train_set: Dataset, val_set: Dataset, rank: int = 0, world_size: int = 1,
+    drop_last: bool = False, seed: int = 0,
+) -> tuple[DataLoader, DataLoader]:
+    """Loaders over the two splits; ``data.batch_size`` is per process.
+
+    The train order is reseeded each epoch by ``reseed_train_loader``, so an epoch's order depends
+    only on (seed, epoch) and a resumed run sees the same batches as an uninterrupted one.
+    """
+    pin = torch.cuda.is_available()
+    common = {"num_workers": cfg.num_workers, "pin_memory": pin, "persistent_workers": cfg.num_workers > 0}
+    if world_size > 1:
+        train_sampler = torch.utils.data.DistributedSampler(
+            train_set, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last
+        )
+        train = DataLoader(train_set, cfg.batch_size, sampler=train_sampler, drop_last=drop_last, **common)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        train = DataLoader(
+            train_set, cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last, **common
+        )
+    val = DataLoader(
+        val_set, cfg.eval_batch_size or 2 * cfg.batch_size,
+        sampler=ShardSampler(len(val_set), rank, world_size), **common,
+    )
+    return train, val
+
+
+def reseed_train_loader(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the coming epoch's order (and worker seeds) a function of (seed, epoch) alone."""
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(seed * 10_000 + epoch)
+
+
+__all__ = ["DataError", "build_datasets", "build_loaders", "reseed_train_loader"]

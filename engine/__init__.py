@@ -1,0 +1,1 @@
+"""Training engine: the loop, evaluation, checkpoints, distributed helpers, metrics and logging."""

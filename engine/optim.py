@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule from config, through timm's factories."""
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+
+from engine.config import OptimConfig, SchedConfig
+from models.placement import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = {"cosine": "cosine", "step": "multistep", "none": None}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW; optionally no weight decay on norms and biases."""
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim: unknown optimizer '{cfg.name}'; valid names: {', '.join(OPTIMIZERS)}")
+    extra = {"nesterov": cfg.nesterov} if cfg.name == "sgd" else {"betas": tuple(cfg.betas)}
+    return create_optimizer_v2(
+        model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        filter_bias_and_bn=cfg.no_decay_norm_bias, **extra,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int
+) -> Scheduler | None:
+    """A timm scheduler updated every step (``step_update``), or None for a constant lr."""
+    if cfg.name not in SCHEDULES:
+        raise ConfigError(f"sched: unknown schedule '{cfg.name}'; valid names: {', '.join(SCHEDULES)}")
+    if SCHEDULES[cfg.name] is None:
+        return None
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=SCHEDULES[cfg.name], num_epochs=epochs, decay_milestones=list(cfg.decay_epochs),
+        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler

@@ -1,0 +1,214 @@
+"""``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+
+from data import build_datasets, build_loaders, reseed_train_loader
+from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from engine.complexity import count_macs, count_params
+from engine.distributed import cleanup, init_distributed
+from engine.metrics import write_json
+from engine.optim import build_optimizer, build_scheduler
+from engine.tensorboard import log_hparams
+from engine.trainer import build_precision, evaluate, train_one_epoch
+from models import build_model
+from models.placement import ConfigError
+
+log = logging.getLogger("attnlab")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device='{name}' is not valid; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; optionally insist on deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Load a state dict, turning an architecture mismatch into a short CheckpointError."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{path} was saved from a different model or class list: {detail}") from None
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says, writing everything under ``run_dir``.
+
+    Returns the final metrics, which are also in ``run_dir/metrics.json``.
+    """
+    run_dir = Path(run_dir)
+    tcfg = cfg.trainer
+    device = select_device(tcfg.device)
+    precision = build_precision(tcfg.amp, device)
+    rank, world_size = init_distributed(device)
+    main = rank == 0
+    if not main:
+        logging.getLogger().setLevel(logging.WARNING)
+    seed_everything(cfg.seed + rank, tcfg.deterministic)
+    if tcfg.eval_only and not tcfg.resume:
+        raise ConfigError("trainer.eval_only=true needs trainer.resume=PATH/TO/checkpoint.pt")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    # Model first: a bad model or attention spec fails before any data is read.
+    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    size = cfg.data.image_size
+    summary = {"params": count_params(model), "macs": count_macs(model, (3, size, size)), "input_size": size}
+    log.info("model %s + attention %s: %s params, %s MACs at %dx%d", cfg.model.name, cfg.attention.name,
+             f"{summary['params']:,}", f"{summary['macs']:,}", size, size)
+    train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
+    use_mixup = cfg.data.mixup > 0 or cfg.data.cutmix > 0
+    train_loader, val_loader = build_loaders(
+        cfg.data, train_set, val_set, rank, world_size, drop_last=use_mixup, seed=cfg.seed
+    )
+    log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
+
+    model.to(device, memory_format=torch.channels_last if tcfg.channels_last else torch.preserve_format)
+    raw_model = model  # the module whose state dict is saved
+    if tcfg.compile:
+        model = torch.compile(model)
+    eval_model = model
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(raw_model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.sched, tcfg.epochs, len(train_loader))
+    ema = ModelEmaV3(raw_model, decay=tcfg.ema_decay) if tcfg.ema else None
+    mixup = None
+    if use_mixup:
+        mixup = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
+                      label_smoothing=cfg.data.label_smoothing, num_classes=cfg.data.num_classes)
+        criterion = SoftTargetCrossEntropy()
+    else:
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.data.label_smoothing)
+
+    # Resume: an explicit checkpoint, else this run directory's own last one.
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    resume = tcfg.resume or (last_path if last_path.exists() else None)
+    start_epoch, history, best = 1, [], {"top1_err": float("inf"), "epoch": 0}
+    if resume:
+        state = load_checkpoint(resume)
+        _load_weights(raw_model, state["model"], resume)
+        if ema is not None and state.get("ema") is not None:
+            _load_weights(ema.module, state["ema"], resume)
+        if not tcfg.eval_only:
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler"):
+                scheduler.load_state_dict(state["scheduler"])
+            precision.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            start_epoch, history, best = state["epoch"] + 1, list(state["history"]), dict(state["best"])
+        log.info("resumed from %s (epoch %d)", resume, state["epoch"])
+
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+    metrics: dict[str, Any] = {"status": "running", "epoch": start_epoch - 1, "epochs": tcfg.epochs, **summary}
+    if history:
+        metrics.update(history[-1])
+    try:
+        if tcfg.eval_only:
+            result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
+            metrics.update(_epoch_metrics(result, ema and evaluate(ema.module, val_loader, precision)))
+            metrics.update(status="completed", epoch=state["epoch"], best_top1_err=metrics["top1_err"])
+            return _finish(metrics, run_dir, main, writer=None, cfg=cfg)
+        if start_epoch > tcfg.epochs:
+            log.info("run already finished %d epochs; nothing to do", tcfg.epochs)
+        steps_per_epoch = len(train_loader)
+        if scheduler is not None:
+            scheduler.step_update((start_epoch - 1) * steps_per_epoch)  # the lr of the next step
+        for epoch in range(start_epoch, tcfg.epochs + 1):
+            reseed_train_loader(train_loader, cfg.seed, epoch)
+            stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, precision, epoch,
+                start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
+                clip_grad=cfg.optim.clip_grad, channels_last=tcfg.channels_last,
+                log_interval=tcfg.log_interval, writer=writer, progress=tcfg.progress and main,
+            )
+            result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
+            ema_result = evaluate(ema.module, val_loader, precision, tcfg.channels_last) if ema else None
+            epoch_metrics = {"epoch": epoch, "train_loss": stats["loss"],
+                             "train_images_per_s": stats["images_per_s"], **_epoch_metrics(result, ema_result)}
+            history.append(epoch_metrics)
+            is_best = epoch_metrics["top1_err"] < best["top1_err"]
+            if is_best:
+                best = {"top1_err": epoch_metrics["top1_err"], "epoch": epoch}
+            metrics.update(epoch_metrics, best_top1_err=best["top1_err"], best_epoch=best["epoch"])
+            log.info("epoch %d/%d: train loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, loss %.4f%s",
+                     epoch, tcfg.epochs, stats["loss"], result["top1_err"], result["top5_err"],
+                     result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
+            if main:
+                writer.add_scalar("val/top1_err", result["top1_err"], epoch * steps_per_epoch)
+                writer.add_scalar("val/top5_err", result["top5_err"], epoch * steps_per_epoch)
+                writer.add_scalar("val/loss", result["loss"], epoch * steps_per_epoch)
+                if ema_result:
+                    writer.add_scalar("val/ema_top1_err", ema_result["top1_err"], epoch * steps_per_epoch)
+                state = {
+                    "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": precision.scaler.state_dict(), "epoch": epoch, "history": history,
+                    "best": best, "rng": rng_state(),
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                }
+                save_checkpoint(state, last_path)
+                if is_best:
+                    save_checkpoint(state, best_path)
+                write_json(run_dir / "metrics.json", metrics)
+        metrics["status"] = "completed"
+        return _finish(metrics, run_dir, main, writer, cfg)
+    except BaseException as e:
+        if main:
+            metrics.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+            write_json(run_dir / "metrics.json", metrics)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        cleanup()
+
+
+def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None) -> dict[str, float]:
+    """The metrics.json fields of one evaluation (and of the EMA weights' evaluation)."""
+    out = {"top1_err": result["top1_err"], "top5_err": result["top5_err"], "val_loss": result["loss"],
+           "eval_images_per_s": result["images_per_s"]}
+    if ema_result:
+        out.update(ema_top1_err=ema_result["top1_err"], ema_top5_err=ema_result["top5_err"])
+    return out
+
+
+def _finish(metrics: dict[str, Any], run_dir: Path, main: bool, writer: SummaryWriter | None,
+            cfg: DictConfig) -> dict[str, Any]:
+    """Write the final metrics.json and the HParams summary; return the metrics."""
+    if main:
+        write_json(run_dir / "metrics.json", metrics)
+        if writer is not None:
+            final = {f"final/{k}": metrics[k] for k in ("top1_err", "top5_err", "val_loss", "best_top1_err")
+                     if k in metrics}
+            log_hparams(writer, OmegaConf.to_container(cfg, resolve=True), final)
+    return metrics

@@ -1,0 +1,152 @@
+"""One training epoch and one evaluation pass."""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from engine.distributed import all_reduce_sum, get_world_size
+from models.placement import ConfigError
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops before the next checkpoint is written."""
+
+
+@dataclass
+class Precision:
+    """Where the model runs, the autocast dtype (None: full precision) and the loss scaler."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context for forward passes."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def build_precision(amp: str, device: torch.device) -> Precision:
+    """bf16 autocast on CPU or CUDA; fp16 autocast with a GradScaler on CUDA only."""
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"trainer.amp='{amp}' is not valid; use one of {', '.join(AMP_DTYPES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.amp=fp16 needs a CUDA device; use trainer.amp=bf16 on the CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    return Precision(device, AMP_DTYPES[amp], scaler)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    epoch: int,
+    start_step: int = 0,
+    scheduler=None,
+    ema: nn.Module | None = None,
+    mixup=None,
+    clip_grad: float | None = None,
+    channels_last: bool = False,
+    log_interval: int = 20,
+    writer: SummaryWriter | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns the epoch's mean loss and images/s.
+
+    ``start_step`` is the number of optimizer steps taken before this epoch (the schedule and the
+    TensorBoard x-axis count steps). The loss is read back only every ``log_interval`` steps, so
+    the GPU never waits on the host; a non-finite loss is then reported with its exact step.
+    """
+    model.train()
+    device, scaler = precision.device, precision.scaler
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    pending: list[torch.Tensor] = []  # losses not yet read back
+    loss_total, images, interval_images, steps = 0.0, 0, 0, len(loader)
+    start = last_log = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        step = start_step + i + 1  # 1-based number of this optimizer step
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with precision.autocast():
+            loss = criterion(model(x), y)
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step_update(step)
+        if ema is not None:
+            ema.update(model.module if hasattr(model, "module") else model, step=step)
+        pending.append(loss.detach())
+        images += x.shape[0]
+        interval_images += x.shape[0]
+        if len(pending) == log_interval or i + 1 == steps:
+            losses = torch.stack(pending).float().cpu()
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                first = step - len(pending) + 1 + int(bad[0])
+                raise NonFiniteLossError(
+                    f"non-finite loss ({losses[int(bad[0])].item()}) at step {first} (epoch {epoch}); "
+                    "stopped without writing a checkpoint, the last good one is kept. "
+                    "Lower optim.lr, set optim.clip_grad, or use trainer.amp=bf16 instead of fp16."
+                )
+            loss_total += losses.sum().item()
+            now = time.perf_counter()
+            rate = interval_images * get_world_size() / max(now - last_log, 1e-9)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{losses.mean():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            if writer is not None:
+                writer.add_scalar("train/loss", losses.mean().item(), step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/images_per_s", rate, step)
+            pending.clear()
+            interval_images, last_log = 0, now
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_total / max(steps, 1), "images_per_s": images * get_world_size() / elapsed}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, precision: Precision, channels_last: bool = False
+) -> dict[str, float]:
+    """Top-1 / top-5 error (percent) and mean cross-entropy over every sample of ``loader``.
+
+    Sums are reduced across processes, so with a non-padding sampler each image counts once.
+    """
+    model.eval()
+    device = precision.device
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, n
+    start = time.perf_counter()
+    for x, y in loader:
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+        totals += torch.stack([
+            F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum(),
+            torch.tensor(len(y), device=device),
+        ]).double()
+    elapsed = time.perf_counter() - start
+    loss, top1, top5, n = all_reduce_sum(totals).tolist()
+    n = max(n, 1)
+    return {
+        "top1_err": 100.0 * (1 - top1 / n), "top5_err": 100.0 * (1 - top5 / n), "loss": loss / n,
+        "images_per_s": n / elapsed, "count": int(n),
+    }

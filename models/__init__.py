@@ -1,0 +1,49 @@
+"""Pure nn.Modules (backbones, attention blocks) and the one function that builds them from config."""
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from models.backbones import BACKBONES
+from models.placement import ConfigError, parse_attention_specs
+
+# Arguments build_model fills in itself rather than taking from the model config.
+_BUILT_ARGS = ("name", "num_classes", "attention")
+
+
+def model_options(name: str) -> list[str]:
+    """The keys a ``model`` config of backbone ``name`` may set besides ``name``."""
+    params = inspect.signature(BACKBONES[name]).parameters
+    return [p for p in params if p not in _BUILT_ARGS]
+
+
+def build_model(
+    model: Mapping[str, Any],
+    attention: Mapping[str, Any],
+    attention_extra: Sequence[Mapping[str, Any]] = (),
+    num_classes: int = 1000,
+) -> nn.Module:
+    """Build a backbone with its attention blocks from plain config mappings.
+
+    Args:
+        model: ``name`` (a key of ``BACKBONES``) and the backbone's own options.
+        attention: the main attention spec (``name: none`` for a plain backbone).
+        attention_extra: further specs, placed after ``attention``.
+        num_classes: size of the classifier head.
+    """
+    kwargs = dict(model)
+    name = kwargs.pop("name", None)
+    if name not in BACKBONES:
+        raise ConfigError(f"model: unknown backbone '{name}'; valid names: {', '.join(BACKBONES)}")
+    unknown = sorted(set(kwargs) - set(model_options(name)))
+    if unknown:
+        raise ConfigError(
+            f"model ({name}): unknown key(s) {', '.join(unknown)}; "
+            f"valid keys: name, {', '.join(model_options(name))}"
+        )
+    specs = parse_attention_specs(attention, attention_extra)
+    return BACKBONES[name](num_classes=num_classes, attention=specs, **kwargs)
+
+
+__all__ = ["BACKBONES", "ConfigError", "build_model", "model_options"]

@@ -1,0 +1,44 @@
+"""Squeeze-and-Excitation.
+
+Paper: "Squeeze-and-Excitation Networks", Hu, Shen, Sun, CVPR 2018 (TPAMI 2019).
+https://arxiv.org/abs/1709.01507 . Reference code: https://github.com/hujie-frank/SENet
+
+Differences from timm's ``SEModule``: timm rounds the hidden width to a multiple of 8
+(``rd_divisor=8``) and takes a ratio; here the width is exactly ``channels // reduction`` as in
+the paper's Table 5 and its parameter counts. Build timm's module with ``rd_channels=C // r`` to get
+the same layer (``tests/test_attention.py`` checks the outputs are equal).
+"""
+import torch
+from torch import nn
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate: global average pool -> FC(C->C/r) -> ReLU -> FC(C/r->C) -> sigmoid -> scale.
+
+    Args:
+        channels: input and output channel count C.
+        reduction: the paper's reduction ratio r; the bottleneck width is exactly ``C // r``.
+        bias: biases in both FC layers, as in the official model.
+    """
+
+    default_position = "standard"
+    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
+
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
+        super().__init__()
+        hidden = channels // reduction
+        if reduction < 1 or hidden < 1:
+            raise ValueError(
+                f"se: reduction={reduction} leaves no hidden units for {channels} channels; "
+                f"use 1 <= reduction <= {channels}"
+            )
+        # 1x1 convs rather than Linear so the state dict matches timm's SEModule (fc1/fc2).
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=bias)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        s = x.mean((2, 3), keepdim=True)  # B, C, 1, 1
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))

@@ -1,0 +1,121 @@
+"""Data: the digits default, class-balanced subsets, folder and torchvision layouts, bad input."""
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from data import DataError, build_datasets
+from data.digits import DigitsDataset
+from data.samplers import ShardSampler, balanced_indices
+from tests.conftest import compose_config
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 40) -> Path:
+    """A tiny ImageFolder data set with random RGB PNGs in train/ and val/."""
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def folder_config(root: Path, *overrides: str):
+    return compose_config("data=imagefolder", f"data.root={root}", "data.num_classes=2",
+                          "data.image_size=32", "data.num_workers=0", *overrides).data
+
+
+def test_digits_is_the_whole_bundled_set_split_80_20_stratified():
+    n = len(load_digits().target)
+    train, val = DigitsDataset(True), DigitsDataset(False)
+    assert len(train) + len(val) == n and len(val) == math.ceil(0.2 * n)  # sklearn rounds the test share up
+    assert set(Counter(val.targets)) == set(range(10)) and max(Counter(val.targets).values()) <= 37
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and isinstance(y, int)
+
+
+def test_digits_split_does_not_depend_on_the_seed():
+    torch.manual_seed(123)
+    a = DigitsDataset(False)
+    torch.manual_seed(7)
+    assert torch.equal(a.images, DigitsDataset(False).images)
+
+
+def test_balanced_subset_spreads_samples_over_classes():
+    targets = [i % 10 for i in range(1000)]
+    chosen = balanced_indices(targets, 25, seed=0)
+    counts = Counter(targets[i] for i in chosen)
+    assert len(chosen) == len(set(chosen)) == 25
+    assert sorted(counts.values()) == [2] * 5 + [3] * 5
+    assert chosen == balanced_indices(targets, 25, seed=0) != balanced_indices(targets, 25, seed=1)
+
+
+def test_max_samples_options_cut_both_splits():
+    cfg = compose_config("data.max_train_samples=50", "data.max_val_samples=20").data
+    train, val = build_datasets(cfg)
+    assert len(train) == 50 and len(val) == 20
+    assert Counter(train.dataset.targets[i] for i in train.indices) == Counter({c: 5 for c in range(10)})
+
+
+@pytest.mark.parametrize("size,world", [(10, 3), (7, 2), (5, 8), (100, 4)])
+def test_shard_sampler_counts_every_sample_exactly_once(size, world):
+    seen = [i for rank in range(world) for i in ShardSampler(size, rank, world)]
+    assert sorted(seen) == list(range(size))
+
+
+def test_image_folder_layout_loads_with_the_imagenet_recipe(tmp_path):
+    root = make_image_folder(tmp_path / "pets")
+    train, val = build_datasets(folder_config(root))
+    assert train.classes == ["cat", "dog"] and len(train) == len(val) == 6
+    assert train[0][0].shape == (3, 32, 32)
+
+
+def test_missing_root_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=f"data.root={tmp_path / 'nowhere'} does not exist"):
+        build_datasets(folder_config(tmp_path / "nowhere"))
+
+
+def test_root_without_images_is_an_error(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        build_datasets(folder_config(tmp_path))
+
+
+def test_num_classes_must_match_the_data(tmp_path):
+    root = make_image_folder(tmp_path / "pets", classes=("a", "b", "c"))
+    with pytest.raises(DataError, match="data.num_classes=2 but the imagefolder data has 3 classes; set data.num_classes=3"):
+        build_datasets(folder_config(root))
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = make_image_folder(tmp_path / "pets")
+    bad = root / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    train, _ = build_datasets(folder_config(root))
+    index = train.samples.index((str(bad), 0))
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
+        train[index]
+
+
+def test_cifar_absent_offline_names_the_path_and_the_alternatives(tmp_path):
+    cfg = compose_config("data=cifar10", f"data.root={tmp_path / 'c10'}").data
+    with pytest.raises(DataError) as info:
+        build_datasets(cfg)
+    message = str(info.value)
+    assert str(tmp_path / "c10") in message and "data.root=../shared/data/cifar10" in message
+    assert "data.download=true" in message
+
+
+def test_shared_cifar10_folder_layout(cifar10_root):
+    cfg = compose_config("data=cifar10", f"data.root={cifar10_root}", "data.max_val_samples=100").data
+    train, val = build_datasets(cfg)
+    assert len(train) == 50_000 and len(val) == 100
+    assert train.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and y == 0

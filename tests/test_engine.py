@@ -1,0 +1,345 @@
+"""Engine: checkpoints, complexity, optimizer and schedule, the loop, end-to-end runs and their errors."""
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import engine.run
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.complexity import count_macs
+from engine.optim import build_optimizer, build_scheduler
+from engine.run import train
+from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
+from models import ConfigError
+from tests.conftest import compose_config, run_cli
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    state = {"model": {"w": torch.randn(3)}, "epoch": 4, "rng": {"python": (3, tuple(range(5)), None)}}
+    save_checkpoint(state, tmp_path / "ck" / "last.pt")
+    loaded = load_checkpoint(tmp_path / "ck" / "last.pt")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["epoch"] == 4
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "epoch": 1}, path)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'x.pt'} does not exist"):
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_garbage_and_foreign_files_are_not_checkpoints(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"\x00\x01 definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not a loadable attnlab checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no 'model' and 'epoch' entries"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+class Payload:
+    """An object whose unpickling would run code."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused(tmp_path, capsys):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"model": Payload(), "epoch": 1}, f)
+    torch.save({"model": Payload(), "epoch": 1}, tmp_path / "evil2.pt")
+    for name in ("evil.pt", "evil2.pt"):
+        with pytest.raises(CheckpointError):
+            load_checkpoint(tmp_path / name)
+    assert "pwned" not in capsys.readouterr().out
+
+
+# --- complexity ---------------------------------------------------------------------------------
+
+def test_macs_of_a_conv_and_a_linear():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 4, 7))
+    assert count_macs(model, (3, 5, 4)) == 8 * 5 * 4 * 3 * 3 * 3 + 8 * 5 * 4 * 7
+
+
+class TokenAttention(nn.Module):
+    """Self-attention over the pixels of a (B, C, H, W) map through SDPA: 2 * HW * HW * C MACs."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, HW, C
+        return F.scaled_dot_product_attention(t, t, t, scale=c ** -0.5).sum() + self.dummy
+
+
+def test_macs_include_scaled_dot_product_attention_on_the_cpu():
+    c, h, w = 16, 6, 5
+    n = h * w
+    assert count_macs(TokenAttention(c), (c, h, w)) == 2 * n * n * c  # Q K^T and A V
+
+
+# --- optimizer and schedule ----------------------------------------------------------------------
+
+def test_sgd_nesterov_flag_and_no_decay_on_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    cfg = compose_config("optim=sgd", "optim.nesterov=false").optim
+    opt = build_optimizer(model, cfg)
+    assert opt.param_groups[0]["nesterov"] is False and len(opt.param_groups) == 1
+    cfg = compose_config("optim=sgd", "optim.nesterov=true", "optim.no_decay_norm_bias=true").optim
+    groups = {g["weight_decay"]: sum(p.numel() for p in g["params"]) for g in build_optimizer(model, cfg).param_groups}
+    assert groups == {0.0: 4 + 4 + 4 + 2, cfg.weight_decay: 4 * 3 * 3 * 3 + 4 * 2}
+    adamw = build_optimizer(model, compose_config("optim=adamw").optim)
+    assert isinstance(adamw, torch.optim.AdamW)
+
+
+def test_cosine_schedule_with_warmup_per_step():
+    model = nn.Linear(2, 2)
+    cfg = compose_config("optim.lr=0.1", "sched=cosine", "sched.warmup_epochs=1", "sched.warmup_lr=0.001").sched
+    opt = build_optimizer(model, compose_config("optim.lr=0.1").optim)
+    sched = build_scheduler(opt, cfg, epochs=4, steps_per_epoch=10)
+    lrs = []
+    for step in range(40):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    # timm fits the warmup inside the schedule: after it the lr is back on the cosine over all 40 steps
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.001 + 9 * (0.1 - 0.001) / 10)
+    assert lrs[10] == pytest.approx(0.05 * (1 + math.cos(math.pi * 10 / 40)))
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_step_schedule_decays_at_the_milestones():
+    opt = build_optimizer(nn.Linear(2, 2), compose_config("optim.lr=0.1").optim)
+    cfg = compose_config("sched=step", "sched.decay_epochs=[2,3]").sched
+    sched = build_scheduler(opt, cfg, epochs=4, steps_per_epoch=5)
+    lr_at = {}
+    for epoch in range(4):
+        sched.step_update(epoch * 5)
+        lr_at[epoch] = opt.param_groups[0]["lr"]
+    assert lr_at == pytest.approx({0: 0.1, 1: 0.1, 2: 0.01, 3: 0.001})
+
+
+def test_unknown_optimizer_schedule_and_amp_list_valid_names():
+    with pytest.raises(ConfigError, match="valid names: sgd, adamw"):
+        build_optimizer(nn.Linear(1, 1), compose_config("optim.name=lamb").optim)
+    with pytest.raises(ConfigError, match="use trainer.amp=bf16 on the CPU"):
+        build_precision("fp16", torch.device("cpu"))
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def test_evaluate_counts_top1_and_top5_errors_exactly():
+    logits = torch.tensor([
+        [9.0, 1, 2, 3, 4, 5, 0],   # label 0: top-1 hit
+        [0.0, 9, 1, 2, 3, 4, 5],   # label 3: top-5 hit only
+        [6.0, 5, 4, 3, 2, 1, 0],   # label 6: miss
+        [1.0, 2, 3, 4, 5, 6, 7],   # label 6: top-1 hit
+        [1.0, 2, 3, 4, 5, 6, 7],   # label 0: miss
+    ])
+    labels = torch.tensor([0, 3, 6, 6, 0])
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=2)
+    result = evaluate(nn.Identity(), loader, build_precision("none", torch.device("cpu")))
+    assert result["count"] == 5
+    assert result["top1_err"] == pytest.approx(100 * 3 / 5) and result["top5_err"] == pytest.approx(100 * 2 / 5)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+
+
+class NaNAfter(nn.Module):
+    """Wraps a model; its training forward returns NaN from call ``after + 1`` on."""
+
+    def __init__(self, inner: nn.Module, after: int):
+        super().__init__()
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_non_finite_loss_is_reported_with_its_step():
+    model = NaNAfter(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), after=6)
+    loader = DataLoader(TensorDataset(torch.randn(40, 3, 2, 2), torch.randint(0, 3, (40,))), batch_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match="at step 17 \\(epoch 2\\)"):
+        train_one_epoch(model, nn.CrossEntropyLoss(), loader, opt, build_precision("none", torch.device("cpu")),
+                        epoch=2, start_step=10, log_interval=4, progress=False)
+
+
+def test_bf16_autocast_and_channels_last_train_on_the_cpu():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).to(memory_format=torch.channels_last)
+    loader = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))), batch_size=8)
+    before = model[0].weight.detach().clone()
+    stats = train_one_epoch(model, nn.CrossEntropyLoss(), loader, torch.optim.SGD(model.parameters(), lr=0.1),
+                            build_precision("bf16", torch.device("cpu")), epoch=1, channels_last=True,
+                            clip_grad=1.0, progress=False)
+    assert torch.isfinite(torch.tensor(stats["loss"])) and not torch.equal(before, model[0].weight)
+
+
+# --- end to end on digits -----------------------------------------------------------------------
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_two_epochs_on_digits_write_every_output(quick_config, tmp_path):
+    cfg = quick_config("trainer.epochs=2", "trainer.ema=true", "trainer.ema_decay=0.9")
+    metrics = train(cfg, tmp_path)
+    on_disk = read_metrics(tmp_path)
+    assert on_disk == json.loads(json.dumps(metrics)) and on_disk["status"] == "completed"
+    assert on_disk["epoch"] == 2 and on_disk["top1_err"] < 90  # better than chance on 10 classes
+    for key in ("top5_err", "val_loss", "best_top1_err", "ema_top1_err", "train_images_per_s", "eval_images_per_s"):
+        assert isinstance(on_disk[key], float)
+    model = engine.run.build_model(cfg.model, cfg.attention, cfg.attention_extra, 10)
+    assert on_disk["params"] == sum(p.numel() for p in model.parameters())
+    assert on_disk["macs"] == count_macs(model, (3, 32, 32)) and isinstance(on_disk["macs"], int)
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "${" not in saved and "stem: cifar" in saved
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(tmp_path / "checkpoints" / name)["epoch"] in (1, 2)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/top1_err", "val/top5_err", "val/loss"} <= tags
+    assert len(events.Scalars("val/top1_err")) == 2
+    hparams = events.PluginTagToContent("hparams")
+    assert hparams and len(list((tmp_path / "tensorboard").iterdir())) == 1  # one event file holds it all
+
+
+def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(quick_config, tmp_path, monkeypatch):
+    cfg = quick_config("trainer.epochs=3")
+    full = train(cfg, tmp_path / "full")
+
+    real_epoch, calls = engine.run.train_one_epoch, []
+
+    def crash_in_epoch_3(*args, **kwargs):
+        calls.append(kwargs["start_step"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies after epoch 2's checkpoint
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine.run, "train_one_epoch", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed")
+    assert read_metrics(tmp_path / "resumed")["status"] == "failed"
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
+
+    calls.clear()
+    resumed = train(cfg, tmp_path / "resumed")  # same run dir: picks up its last.pt by itself
+    assert calls == [2 * calls[0] // 2] and calls[0] > 0  # one epoch run, starting after epoch 2's steps
+    assert resumed["epoch"] == 3 and resumed["train_loss"] == full["train_loss"]
+    assert resumed["top1_err"] == full["top1_err"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_explicit_resume_path_and_eval_only(quick_config, tmp_path):
+    train(quick_config("trainer.epochs=1"), tmp_path / "a")
+    best = tmp_path / "a" / "checkpoints" / "best.pt"
+    trained = read_metrics(tmp_path / "a")
+    result = train(quick_config("trainer.eval_only=true", f"trainer.resume={best}"), tmp_path / "eval")
+    assert result["status"] == "completed" and result["top1_err"] == pytest.approx(trained["top1_err"])
+    assert not (tmp_path / "eval" / "checkpoints").exists()
+    more = train(quick_config("trainer.epochs=2", f"trainer.resume={best}"), tmp_path / "b")
+    assert more["epoch"] == 2 and len(load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["history"]) == 2
+
+
+def test_checkpoint_from_another_model_is_refused(quick_config, tmp_path):
+    train(quick_config("trainer.epochs=1"), tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.pt"
+    with pytest.raises(CheckpointError, match="different model"):
+        train(quick_config("trainer.epochs=2", "model=resnet32", f"trainer.resume={last}"), tmp_path / "b")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(quick_config, tmp_path, monkeypatch):
+    real_build = engine.run.build_model
+    monkeypatch.setattr(engine.run, "build_model", lambda *a, **k: NaNAfter(real_build(*a, **k), after=5))
+    with pytest.raises(NonFiniteLossError, match="at step 6 \\(epoch 2\\)"):
+        train(quick_config("trainer.epochs=3", "trainer.log_interval=3"), tmp_path)  # 4 steps an epoch
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    metrics = read_metrics(tmp_path)
+    assert metrics["status"] == "failed" and "NonFiniteLossError" in metrics["error"]
+
+
+def test_eval_only_without_a_checkpoint_is_a_config_error(quick_config, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.eval_only=true needs trainer.resume"):
+        train(quick_config("trainer.eval_only=true"), tmp_path)
+
+
+@pytest.mark.slow
+def test_short_run_on_a_slice_of_the_shared_cifar10(cifar10_root, tmp_path):
+    cfg = compose_config("data=cifar10", f"data.root={cifar10_root}", "data.max_train_samples=1000",
+                         "data.max_val_samples=500", "data.num_workers=2", "trainer.epochs=2",
+                         "trainer.progress=false", "model=resnet20", "attention=se")
+    metrics = train(cfg, tmp_path)
+    assert metrics["status"] == "completed" and metrics["epoch"] == 2
+    assert metrics["top1_err"] < 90  # learns something in two short epochs
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def assert_short_error(proc, *fragments: str) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "Traceback" not in output, output
+    for fragment in fragments:
+        assert fragment in output, output
+
+
+@pytest.mark.slow
+def test_cli_errors_are_short_and_name_the_fix(tmp_path):
+    from tests.test_data import make_image_folder
+    root = make_image_folder(tmp_path / "pets")
+    bad = root / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"not an image")
+    common = (f"hydra.run.dir={tmp_path / 'run'}", "trainer.progress=false")
+    assert_short_error(run_cli("attention=cbamm", *common), "Available options in 'attention'", "se")
+    assert_short_error(run_cli("trainer.resume=/no/such.pt", *common), "checkpoint /no/such.pt does not exist")
+    assert_short_error(
+        run_cli("data=imagefolder", f"data.root={root}", "data.num_classes=2", "data.num_workers=1",
+                "data.image_size=32", *common),
+        f"cannot read image {bad}",
+    )
+
+
+@pytest.mark.slow
+def test_cli_rerun_in_an_explicit_run_dir_resumes(tmp_path):
+    args = [f"hydra.run.dir={tmp_path}", "data.max_train_samples=128", "data.max_val_samples=50",
+            "trainer.progress=false"]
+    first = run_cli(*args, "trainer.epochs=1")
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*args, "trainer.epochs=2")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout + second.stderr and "after 2 epochs" in second.stdout + second.stderr
+    assert read_metrics(tmp_path)["epoch"] == 2

@@ -48,3 +48,15 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
         env=env, timeout=300,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` where no CUDA device is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -119,3 +119,25 @@ def test_shared_cifar10_folder_layout(cifar10_root):
     assert train.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     x, y = train[0]
     assert x.shape == (3, 32, 32) and y == 0
+
+
+def test_cifar_recipe_with_timm_randaugment_and_random_erasing():
+    from data.transforms import cifar_transform
+
+    cfg = compose_config("data=cifar10", "data.randaugment=rand-m9-mstd0.5", "data.reprob=1.0").data
+    transform = cifar_transform(cfg, train=True)
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize", "RandomErasing"]
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    assert transform(image).shape == (3, 32, 32)
+    assert [type(t).__name__ for t in cifar_transform(cfg, train=False).transforms] == ["ToTensor", "Normalize"]
+
+
+def test_imagenet_recipe_sizes(tmp_path):
+    from data.transforms import imagenet_transform
+
+    cfg = compose_config("data=imagenet", "data.root=/x", "data.image_size=64", "data.crop_pct=0.8").data
+    image = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
+    assert imagenet_transform(cfg, train=True)(image).shape == (3, 64, 64)
+    val = imagenet_transform(cfg, train=False)
+    assert val.transforms[0].size == 80 and val(image).shape == (3, 64, 64)  # resize 64 / 0.8, crop 64

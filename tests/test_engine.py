@@ -343,3 +343,16 @@ def test_cli_rerun_in_an_explicit_run_dir_resumes(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout + second.stderr and "after 2 epochs" in second.stdout + second.stderr
     assert read_metrics(tmp_path)["epoch"] == 2
+
+
+def test_mixup_cutmix_and_label_smoothing_train(quick_config, tmp_path):
+    metrics = train(quick_config("trainer.epochs=1", "data.mixup=0.2", "data.cutmix=1.0",
+                                 "data.label_smoothing=0.1", "optim=adamw", "optim.lr=1e-3"), tmp_path)
+    assert metrics["status"] == "completed" and 0 < metrics["train_loss"] < 10
+
+
+@pytest.mark.gpu
+def test_fp16_amp_channels_last_on_cuda(quick_config, tmp_path):
+    metrics = train(quick_config("trainer.epochs=1", "trainer.device=cuda", "trainer.amp=fp16",
+                                 "trainer.channels_last=true"), tmp_path)
+    assert metrics["status"] == "completed" and metrics["top1_err"] < 90

@@ -1,9 +1,10 @@
 """Attention specs from config, validated and resolved into a plan that backbones query.
 
 A spec says *which* block (``name`` plus its own hyper-parameters) goes *where*: ``stages``
-(1-based, ``all`` by default), ``position`` (a role name, see ``POSITIONS``) and ``every`` (every
+(1-based, negative from the end, ``all`` by default), ``position`` (a role name, see ``POSITIONS``) and ``every`` (every
 N-th unit of those stages, counting the N-th, 2N-th, ... as the non-local paper does).
 """
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -42,7 +43,7 @@ class AttentionSpec:
     name: str
     block: type[nn.Module]
     kwargs: Mapping[str, Any]
-    stages: tuple[int, ...] | None  # None means every stage
+    stages: tuple[int, ...] | None  # None means every stage; negative counts from the last
     position: str  # a POSITIONS key, or "default"
     every: int = 1
 
@@ -103,12 +104,13 @@ def _parse_stages(stages: Any, where: str, name: str) -> tuple[int, ...] | None:
     if isinstance(stages, int) and not isinstance(stages, bool):
         stages = [stages]
     if not isinstance(stages, Sequence) or isinstance(stages, str) or not stages or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in stages
+        isinstance(s, int) and not isinstance(s, bool) and s != 0 for s in stages
     ):
         raise ConfigError(
-            f"{where} ({name}): stages={stages!r} must be 'all' or a list of 1-based stage numbers"
+            f"{where} ({name}): stages={stages!r} must be 'all' or a list of 1-based stage numbers "
+            "(negative counts from the end: -1 is the last stage)"
         )
-    return tuple(sorted(set(stages)))
+    return tuple(stages)
 
 
 def parse_attention_specs(attention: Mapping, extra: Sequence[Mapping] = ()) -> list[AttentionSpec]:
@@ -155,12 +157,16 @@ class AttentionPlan:
                     f"attention '{spec.name}' cannot go at position '{position}' on {backbone}; "
                     f"valid positions: {', '.join(accepted)}"
                 )
-            bad = [s for s in spec.stages or () if s > len(stage_depths)]
+            n = len(stage_depths)
+            bad = [s for s in spec.stages or () if not -n <= s <= n]
             if bad:
                 raise ConfigError(
                     f"attention '{spec.name}': {backbone} has no stage {bad[0]}; "
-                    f"valid stages: 1..{len(stage_depths)} (or 'all')"
+                    f"valid stages: 1..{n}, -{n}..-1 (from the end) or 'all'"
                 )
+            if spec.stages is not None:
+                resolved = tuple(sorted({s if s > 0 else n + 1 + s for s in spec.stages}))
+                spec = dataclasses.replace(spec, stages=resolved)
             self.entries.append((spec, position))
         for stage, depth in enumerate(stage_depths, start=1):
             for index in range(depth):

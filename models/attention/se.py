@@ -11,6 +11,8 @@ the same layer (``tests/test_attention.py`` checks the outputs are equal).
 import torch
 from torch import nn
 
+GATES = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
 
 class SqueezeExcite(nn.Module):
     """Channel gate: global average pool -> FC(C->C/r) -> ReLU -> FC(C/r->C) -> sigmoid -> scale.
@@ -19,12 +21,16 @@ class SqueezeExcite(nn.Module):
         channels: input and output channel count C.
         reduction: the paper's reduction ratio r; the bottleneck width is exactly ``C // r``.
         bias: biases in both FC layers, as in the official model.
+        squeeze: ``avg`` (the paper), ``max``, or ``none``: the paper's NoSqueeze ablation, where
+            the two FCs become 1x1 convs applied at full resolution (a gate per position).
+        gate: the excitation non-linearity of the paper's ablation: ``sigmoid``, ``relu``, ``tanh``.
     """
 
     default_position = "standard"
     positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
-    def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True, squeeze: str = "avg",
+                 gate: str = "sigmoid"):
         super().__init__()
         hidden = channels // reduction
         if reduction < 1 or hidden < 1:
@@ -32,13 +38,23 @@ class SqueezeExcite(nn.Module):
                 f"se: reduction={reduction} leaves no hidden units for {channels} channels; "
                 f"use 1 <= reduction <= {channels}"
             )
+        if squeeze not in ("avg", "max", "none"):
+            raise ValueError(f"se: squeeze='{squeeze}' is not valid; use avg, max or none")
+        if gate not in GATES:
+            raise ValueError(f"se: gate='{gate}' is not valid; use {', '.join(GATES)}")
+        self.squeeze = squeeze
         # 1x1 convs rather than Linear so the state dict matches timm's SEModule (fc1/fc2).
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=bias)
-        self.gate = nn.Sigmoid()
+        self.gate = GATES[gate]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        s = x.mean((2, 3), keepdim=True)  # B, C, 1, 1
+        if self.squeeze == "avg":
+            s = x.mean((2, 3), keepdim=True)  # B, C, 1, 1
+        elif self.squeeze == "max":
+            s = x.amax((2, 3), keepdim=True)
+        else:
+            s = x  # B, C, H, W: NoSqueeze
         return x * self.gate(self.fc2(self.act(self.fc1(s))))

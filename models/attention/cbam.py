@@ -1,0 +1,79 @@
+"""CBAM: channel gate then spatial gate.
+
+Paper: "CBAM: Convolutional Block Attention Module", Woo, Park, Lee, Kweon, ECCV 2018.
+https://arxiv.org/abs/1807.06521 . Reference code: https://github.com/Jongchan/attention-module
+
+As the official code: the channel MLP (C -> C/r -> C, with biases) is shared by the average- and
+max-pooled descriptors and their outputs are summed before the sigmoid; the spatial gate is a
+7x7 conv (no bias) + BN over the channel-wise (max, mean) maps. timm's ``CbamModule`` differs:
+no MLP biases by default (``bias=False`` here gives that) and (mean, max) channel order (a
+permutation of the 7x7 kernel's two input channels, so no option is needed).
+"""
+import torch
+from torch import nn
+
+
+class ChannelGate(nn.Module):
+    """sigmoid(MLP(avgpool x) + MLP(maxpool x)) scales each channel."""
+
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
+        super().__init__()
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(f"cbam: reduction={reduction} leaves no hidden units for {channels} channels")
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> channel weights (B, C, 1, 1) in (0, 1)."""
+        avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        mx = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return torch.sigmoid(avg + mx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return x * self.gate(x)
+
+
+class SpatialGate(nn.Module):
+    """sigmoid(BN(conv7x7([max_c x, mean_c x]))) scales each position."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> spatial weights (B, 1, H, W) in (0, 1)."""
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)  # B, 2, H, W
+        return torch.sigmoid(self.bn(self.conv(pooled)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return x * self.gate(x)
+
+
+class CBAM(nn.Module):
+    """Channel attention followed by spatial attention, applied in sequence.
+
+    Args:
+        channels: input and output channel count C.
+        reduction: channel MLP reduction r (width exactly C // r).
+        kernel_size: spatial gate kernel (7 in the paper).
+        bias: biases in the channel MLP (the official code has them).
+        spatial: include the spatial gate (False: the paper's channel-only ablation).
+    """
+
+    default_position = "standard"
+    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, bias: bool = True,
+                 spatial: bool = True):
+        super().__init__()
+        self.channel = ChannelGate(channels, reduction, bias)
+        self.spatial = SpatialGate(kernel_size) if spatial else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return self.spatial(self.channel(x))

@@ -1,0 +1,54 @@
+"""Criss-cross attention.
+
+Paper: "CCNet: Criss-Cross Attention for Semantic Segmentation", Huang, Wang, Huang, Huang, Wei, Liu,
+ICCV 2019 (TPAMI 2020). https://arxiv.org/abs/1811.11721 . Reference code: https://github.com/speedinghzl/CCNet
+
+Each position attends over its row and its column (H + W - 1 positions: the column's entry for the
+position itself is masked so it counts once), one softmax over both. Query and key are 1x1 convs to
+C / 8, value a 1x1 conv to C, all with biases; out = gamma * attention + x with gamma starting at 0.
+The recurrent module applies the same weights R times (2 in the paper), so information reaches every
+position. Pure PyTorch: row and column attention as einsums, never an (HW) x (HW) tensor.
+"""
+import torch
+from torch import nn
+
+
+class CrissCrossAttention(nn.Module):
+    """Recurrent criss-cross attention with a gamma-scaled residual.
+
+    Args:
+        channels: input and output channel count C.
+        reduction: query/key width is C // reduction (8 in the paper).
+        recurrence: R, how many times the shared module is applied.
+    """
+
+    default_position = "post"
+    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
+
+    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
+        super().__init__()
+        inner = max(1, channels // reduction)
+        self.recurrence = recurrence
+        self.query = nn.Conv2d(channels, inner, 1)
+        self.key = nn.Conv2d(channels, inner, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """One criss-cross pass: x (B, C, H, W) -> x + gamma * attention (B, C, H, W)."""
+        h = x.shape[2]
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        e_col = torch.einsum("bchw,bckw->bhwk", q, k)  # B, H, W, H: attend down the column
+        self_mask = torch.eye(h, dtype=torch.bool, device=x.device).view(h, 1, h)
+        e_col = e_col.masked_fill(self_mask, float("-inf"))  # the position itself counts once, in its row
+        e_row = torch.einsum("bchw,bchk->bhwk", q, k)  # B, H, W, W: attend along the row
+        att = torch.softmax(torch.cat([e_col, e_row], dim=3), dim=3)
+        a_col, a_row = att.split([h, att.shape[3] - h], dim=3)
+        out = torch.einsum("bhwk,bckw->bchw", a_col, v) + torch.einsum("bhwk,bchk->bchw", a_row, v)
+        return x + self.gamma * out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        for _ in range(self.recurrence):
+            x = self.attend(x)
+        return x

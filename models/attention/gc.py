@@ -1,0 +1,65 @@
+"""Global context block.
+
+Paper: "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", Cao, Xu, Lin, Wei,
+Hu, ICCVW 2019. https://arxiv.org/abs/1904.11492 . Reference code: https://github.com/xvjiarui/GCNet
+
+As the official ``ContextBlock``: softmax attention pooling (1x1 conv C -> 1), a bottleneck transform
+1x1 conv (C -> C/r) -> LayerNorm -> ReLU -> 1x1 conv (C/r -> C), fused by add (default) or by
+multiplying with its sigmoid; the last conv starts at zero (with add fusion the block starts as the identity).
+timm's ``GlobalContext`` defaults differ: multiply fusion, r = 8, no zero init.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GlobalContext(nn.Module):
+    """Attention-pooled global context, transformed and fused into every position.
+
+    Args:
+        channels: input and output channel count C.
+        reduction: bottleneck ratio r (width C // r; the paper's default 16).
+        fusion: ``add`` (the paper's default) or ``mul`` (x * sigmoid(transform)).
+        pooling: ``att`` (softmax attention pooling) or ``avg`` (the paper's ablation).
+    """
+
+    default_position = "standard"
+    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
+
+    def __init__(self, channels: int, reduction: int = 16, fusion: str = "add", pooling: str = "att"):
+        super().__init__()
+        if fusion not in ("add", "mul") or pooling not in ("att", "avg"):
+            raise ValueError(f"gc: fusion='{fusion}', pooling='{pooling}'; use fusion add|mul, pooling att|avg")
+        hidden = channels // reduction
+        if hidden < 1:
+            raise ValueError(f"gc: reduction={reduction} leaves no hidden units for {channels} channels")
+        self.fusion, self.pooling = fusion, pooling
+        self.conv_mask = nn.Conv2d(channels, 1, 1) if pooling == "att" else None
+        self.transform = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming (fan_in) attention conv and a zero last conv, as the official ``reset_parameters``."""
+        if self.conv_mask is not None:
+            nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.conv_mask.bias)
+        nn.init.zeros_(self.transform[-1].weight)
+        nn.init.zeros_(self.transform[-1].bias)
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> global context (B, C, 1, 1)."""
+        b, c, h, w = x.shape
+        if self.conv_mask is None:
+            return x.mean((2, 3), keepdim=True)
+        weights = F.softmax(self.conv_mask(x).view(b, 1, h * w), dim=-1)  # B, 1, HW
+        return torch.bmm(x.reshape(b, c, h * w), weights.transpose(1, 2)).view(b, c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        t = self.transform(self.context(x))
+        return x + t if self.fusion == "add" else x * torch.sigmoid(t)

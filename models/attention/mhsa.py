@@ -1,0 +1,81 @@
+"""Multi-head self-attention over a feature map with 2-D relative positions (BoTNet).
+
+Papers: "Attention Is All You Need", Vaswani et al., NeurIPS 2017, https://arxiv.org/abs/1706.03762 ;
+"Bottleneck Transformers for Visual Recognition", Srinivas et al., CVPR 2021,
+https://arxiv.org/abs/2101.11605
+
+Replaces a unit's 3x3 conv (``replace_spatial``): q, k, v are 1x1 convs without bias, logits are
+q k^T + q r^T where r = r_h + r_w are learned relative height and width embeddings, both scaled by
+d^-1/2; attention runs through ``scaled_dot_product_attention`` with the relative logits as an
+additive mask. Stride 2 is a 2x2 average pool after attention, as BoTNet. The embedding tables are
+sized for ``max_size`` and adapt to any H x W: the centre is sliced for smaller maps and the table is
+linearly interpolated for larger ones.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
+    """A (2M-1, d) table of offsets -(M-1)..M-1 -> the (2*size-1, d) table for offsets up to size-1."""
+    m = (table.shape[0] + 1) // 2
+    if size <= m:
+        return table[m - size: m + size - 1]
+    return F.interpolate(table.t().unsqueeze(0), size=2 * size - 1, mode="linear",
+                         align_corners=True).squeeze(0).t()
+
+
+def relative_logits(q: torch.Tensor, table: torch.Tensor, size: int) -> torch.Tensor:
+    """q (..., L, d) along one axis of length ``size`` -> logits (..., L, size) for each key offset."""
+    rel = q @ relative_table(table, size).t()  # ..., L, 2*size-1 (offset index)
+    idx = torch.arange(size, device=q.device)
+    offset = idx.view(1, -1) - idx.view(-1, 1) + size - 1  # [query, key] -> table index
+    return rel.gather(-1, offset.expand(*rel.shape[:-1], size)) if rel.shape[-2] == size else \
+        rel[..., offset.view(-1)].view(*rel.shape[:-1], size, size)
+
+
+class MultiHeadSelfAttention2d(nn.Module):
+    """All-to-all attention over positions, heads of width out_channels / heads.
+
+    Args:
+        in_channels, out_channels, stride: the replaced conv's shape.
+        heads: attention heads (4 in BoTNet).
+        max_size: the feature size the relative tables are built for (BoTNet's c5: 14).
+        rel_pos: add the relative-position logits (False: content-only attention).
+    """
+
+    default_position = "replace_spatial"
+    positions = frozenset({"replace_spatial"})
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, heads: int = 4,
+                 max_size: int = 14, rel_pos: bool = True):
+        super().__init__()
+        if out_channels % heads:
+            raise ValueError(f"mhsa: out_channels={out_channels} is not divisible by heads={heads}")
+        self.heads, self.dim = heads, out_channels // heads
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
+        self.rel_h = nn.Parameter(torch.randn(2 * max_size - 1, self.dim) * self.dim ** -0.5) if rel_pos else None
+        self.rel_w = nn.Parameter(torch.randn(2 * max_size - 1, self.dim) * self.dim ** -0.5) if rel_pos else None
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()  # 7 -> 4, like a stride-2 conv
+        if stride not in (1, 2):
+            raise ValueError(f"mhsa: stride={stride} is not supported; use 1 or 2")
+
+    def position_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """q (B, heads, HW, d), already scaled -> relative logits (B, heads, HW, HW)."""
+        b, n = q.shape[0], q.shape[1]
+        q2 = q.reshape(b, n, h, w, self.dim)
+        lh = relative_logits(q2.transpose(2, 3), self.rel_h, h)  # B, n, W, H(query), H(key)
+        lw = relative_logits(q2, self.rel_w, w)  # B, n, H, W(query), W(key)
+        bias = lh.permute(0, 1, 3, 2, 4).unsqueeze(-1) + lw.unsqueeze(-2)  # B, n, H, W, H(k), W(k)
+        return bias.reshape(b, n, h * w, h * w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
+        b, _, h, w = x.shape
+        qkv = self.qkv(x).reshape(b, 3, self.heads, self.dim, h * w).transpose(-1, -2)  # B, 3, n, HW, d
+        q, k, v = qkv.unbind(1)
+        scale = self.dim ** -0.5
+        bias = self.position_bias(q * scale, h, w).to(q.dtype) if self.rel_h is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # B, n, HW, d
+        out = out.transpose(-1, -2).reshape(b, self.heads * self.dim, h, w)
+        return self.pool(out)

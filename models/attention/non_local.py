@@ -1,0 +1,80 @@
+"""Non-local block (config name ``nonlocal``; the file is named so because that is a Python keyword).
+
+Paper: "Non-local Neural Networks", Wang, Girshick, Gupta, He, CVPR 2018.
+https://arxiv.org/abs/1711.07971 . Reference code: https://github.com/facebookresearch/video-nonlocal-net
+
+z = x + BN(W y), y_i = sum_j f(x_i, x_j) g(x_j) / C(x), with theta, phi, g and W 1x1 convs (with
+biases), inner width C / 2, optional 2x2 max-pool subsampling of phi and g, and the BN's gamma
+initialised to zero so the block starts as the identity. Pairwise functions: ``embedded_gaussian``
+(softmax of theta^T phi), ``gaussian`` (softmax of x^T x), ``dot`` (theta^T phi / N) and ``concat``
+(ReLU(w^T [theta_i, phi_j]) / N). The softmax forms run through ``scaled_dot_product_attention``
+with the paper's scale of 1 (memory linear in H*W where a fused kernel applies); ``dot`` uses the
+associativity theta (phi^T g) / N, also linear. timm's ``NonLocalAttn`` differs: inner width C / 8
+rounded to 8, logits scaled by C^-1/2 (``scale=C**-0.5`` here), no subsampling.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
+
+
+class NonLocal(nn.Module):
+    """Self-attention over all positions, added back through a zero-initialised BN.
+
+    Args:
+        channels: input and output channel count C.
+        mode: the pairwise function, one of ``MODES``.
+        reduction: inner width is C // reduction (2 in the paper).
+        subsample: 2x2 max-pool phi and g (the paper's cheaper variant).
+        scale: factor on the softmax logits (1.0 in the paper).
+    """
+
+    default_position = "post"
+    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
+
+    def __init__(self, channels: int, mode: str = "embedded_gaussian", reduction: int = 2,
+                 subsample: bool = False, scale: float = 1.0):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"nonlocal: mode='{mode}' is not valid; use one of {', '.join(MODES)}")
+        inner = channels // reduction
+        if inner < 1:
+            raise ValueError(f"nonlocal: reduction={reduction} leaves no inner channels for {channels}")
+        self.mode, self.scale = mode, scale
+        self.theta = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
+        self.phi = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
+        self.g = nn.Conv2d(channels, inner, 1)
+        self.concat_project = nn.Conv2d(2 * inner, 1, 1, bias=False) if mode == "concat" else None
+        self.pool = nn.MaxPool2d(2) if subsample else nn.Identity()
+        self.W = nn.Conv2d(inner, channels, 1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """BN gamma and beta at zero: the block is the identity at initialisation."""
+        nn.init.zeros_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        b, _, h, w = x.shape
+        g = self.pool(self.g(x)).flatten(2).transpose(1, 2)  # B, M, C'
+        if self.mode == "gaussian":
+            q = x.flatten(2).transpose(1, 2)  # B, N, C
+            k = self.pool(x).flatten(2).transpose(1, 2)  # B, M, C
+        else:
+            q = self.theta(x).flatten(2).transpose(1, 2)  # B, N, C'
+            k = self.pool(self.phi(x)).flatten(2).transpose(1, 2)  # B, M, C'
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), g.unsqueeze(1),
+                                               scale=self.scale).squeeze(1)  # B, N, C'
+        elif self.mode == "dot":
+            y = q @ (k.transpose(1, 2) @ g) / k.shape[1]  # theta (phi^T g) / M: never N x M
+        else:
+            # w^T [theta_i, phi_j] = a^T theta_i + b^T phi_j: two 1-channel maps, then an N x M ReLU
+            wq, wk = self.concat_project.weight.flatten().chunk(2)
+            f = F.relu((q @ wq).unsqueeze(2) + (k @ wk).unsqueeze(1))  # B, N, M
+            y = f @ g / k.shape[1]
+        y = y.transpose(1, 2).reshape(b, -1, h, w)  # B, C', H, W
+        return x + self.bn(self.W(y))

@@ -1,0 +1,58 @@
+"""Stand-alone local self-attention.
+
+Paper: "Stand-Alone Self-Attention in Vision Models", Ramachandran, Parmar, Vaswani, Bello,
+Levskaya, Shlens, NeurIPS 2019. https://arxiv.org/abs/1906.05909
+
+Replaces a unit's spatial conv (``replace_spatial``): each position attends over its k x k
+neighbourhood (k = 7), multi-head, with logits q^T k_ab + q^T r_{a-i,b-j} where the relative
+embedding concatenates a row-offset half and a column-offset half of each head's width. Positions
+outside the map are masked. Stride 2 is a 2x2 average pool after attention, as the paper's
+downsampling. Memory grows as k^2 times the feature map, never (HW)^2.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LocalSelfAttention(nn.Module):
+    """k x k neighbourhood attention with relative row/column embeddings.
+
+    Args:
+        in_channels, out_channels, stride: the replaced conv's shape.
+        kernel_size: neighbourhood size k (odd; 7 in the paper).
+        heads: attention heads (8 in the paper).
+    """
+
+    default_position = "replace_spatial"
+    positions = frozenset({"replace_spatial"})
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7,
+                 heads: int = 8):
+        super().__init__()
+        if out_channels % heads or (out_channels // heads) % 2:
+            raise ValueError(f"sasa: out_channels={out_channels} must split into {heads} heads of even width")
+        if kernel_size % 2 == 0 or stride not in (1, 2):
+            raise ValueError(f"sasa: kernel_size={kernel_size} must be odd and stride={stride} 1 or 2")
+        self.k, self.heads, self.dim = kernel_size, heads, out_channels // heads
+        self.q = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.kv = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)
+        self.rel_row = nn.Parameter(torch.randn(self.dim // 2, kernel_size) * self.dim ** -0.5)
+        self.rel_col = nn.Parameter(torch.randn(self.dim // 2, kernel_size) * self.dim ** -0.5)
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()  # 7 -> 4, like a stride-2 conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
+        b, _, h, w = x.shape
+        kk, n, d = self.k * self.k, self.heads, self.dim
+        q = self.q(x).view(b, n, d, 1, h * w) * d ** -0.5
+        kv = F.unfold(self.kv(x), self.k, padding=self.k // 2).view(b, 2, n, d, kk, h * w)
+        k, v = kv.unbind(1)  # B, n, d, k*k, HW
+        rel = torch.cat([  # d, k*k: row offset in the first half, column offset in the second
+            self.rel_row.unsqueeze(2).expand(-1, -1, self.k).reshape(d // 2, kk),
+            self.rel_col.unsqueeze(1).expand(-1, self.k, -1).reshape(d // 2, kk),
+        ])
+        logits = (q * (k + rel.view(1, 1, d, kk, 1))).sum(2)  # B, n, k*k, HW
+        inside = F.unfold(x.new_ones(1, 1, h, w), self.k, padding=self.k // 2).view(1, 1, kk, h * w) > 0
+        att = torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=2)
+        out = (att.unsqueeze(2) * v).sum(3)  # B, n, d, HW
+        return self.pool(out.reshape(b, n * d, h, w))

@@ -149,3 +149,36 @@ def test_bad_model_or_attention_config_names_the_fix(model_cfg, attention, messa
     with pytest.raises(ConfigError) as info:
         build_model(model_cfg, attention, num_classes=10)
     assert message in str(info.value)
+
+
+# --- every block at every position it takes, on both unit types ------------------------------------
+
+from models.attention import ATTENTION_BLOCKS  # noqa: E402
+from models.backbones.resnet import ResNet  # noqa: E402
+from models.placement import parse_attention_specs  # noqa: E402
+
+ROLE_POSITIONS = ["standard", "pre", "post", "identity", "after_spatial", "replace_spatial", "stem"]
+COMBOS = [(name, pos) for name, cls in sorted(ATTENTION_BLOCKS.items()) for pos in ROLE_POSITIONS
+          if pos in cls.positions]
+
+
+@pytest.mark.parametrize("unit", [BasicBlock, Bottleneck])
+@pytest.mark.parametrize("name,position", COMBOS)
+def test_every_block_at_every_position_it_takes(unit, name, position):
+    """A small two-stage ResNet of each unit type: the same units as the full networks, cheaper."""
+    specs = parse_attention_specs({"name": name, "stages": [-1], "position": position})
+    model = ResNet(unit, (1, 2), widths=(16, 32), num_classes=10, attention=specs, stem="cifar")
+    block_type = ATTENTION_BLOCKS[name]
+    assert sum(isinstance(m, block_type) for m in model.modules()) == (1 if position == "stem" else 2)
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
+def test_a_position_the_block_does_not_take_is_refused_with_the_valid_ones(name):
+    cls = ATTENTION_BLOCKS[name]
+    refused = next(p for p in ROLE_POSITIONS if p not in cls.positions)
+    with pytest.raises(ConfigError, match=f"cannot go at position '{refused}'.*valid positions: "):
+        build_model({"name": "resnet20"}, {"name": name, "position": refused})

@@ -26,8 +26,6 @@ POSITIONS = {
     "stem": "once, after the stem",
 }
 SPEC_KEYS = ("name", "stages", "position", "every")
-# Constructor arguments a backbone fills in; everything else is a hyper-parameter from config.
-_SHAPE_ARGS = ("channels", "in_channels", "out_channels", "stride")
 
 Factory = Callable[..., nn.Module]
 
@@ -53,9 +51,13 @@ class AttentionSpec:
 
 
 def block_hyperparameters(block: type[nn.Module]) -> list[str]:
-    """The keyword arguments a block accepts from config (its shape arguments excluded)."""
-    params = inspect.signature(block.__init__).parameters
-    return [p for p in params if p != "self" and p not in _SHAPE_ARGS]
+    """The keyword arguments a block accepts from config.
+
+    The backbone fills in the shape arguments: ``channels`` (the first argument), or
+    ``in_channels, out_channels, stride`` (the first three) for blocks that replace a spatial conv.
+    """
+    params = [p for p in inspect.signature(block.__init__).parameters if p != "self"]
+    return params[3:] if "replace_spatial" in block.positions else params[1:]
 
 
 def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> AttentionSpec | None:

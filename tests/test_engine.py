@@ -356,3 +356,23 @@ def test_fp16_amp_channels_last_on_cuda(quick_config, tmp_path):
     metrics = train(quick_config("trainer.epochs=1", "trainer.device=cuda", "trainer.amp=fp16",
                                  "trainer.channels_last=true"), tmp_path)
     assert metrics["status"] == "completed" and metrics["top1_err"] < 90
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["cbam", "eca", "coord", "gc", "nonlocal", "criss_cross", "danet",
+                                   "residual_attention", "stn", "mhsa", "sasa", "outlook"])
+def test_every_block_trains_with_its_paper_defaults(quick_config, tmp_path, block):
+    """`python train.py attention=<block>` on the default model and data, cut short."""
+    metrics = train(quick_config(f"attention={block}", "trainer.epochs=1", "data.max_train_samples=128",
+                                 "data.max_val_samples=50"), tmp_path)
+    assert metrics["status"] == "completed" and torch.isfinite(torch.tensor(metrics["train_loss"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["cbam", "eca", "gc"])
+def test_blocks_learn_on_a_slice_of_the_shared_cifar10(cifar10_root, tmp_path, block):
+    cfg = compose_config("data=cifar10", f"data.root={cifar10_root}", "data.max_train_samples=1000",
+                         "data.max_val_samples=500", "data.num_workers=1", "trainer.epochs=2",
+                         "trainer.progress=false", "model=resnet20", f"attention={block}")
+    metrics = train(cfg, tmp_path)
+    assert metrics["status"] == "completed" and metrics["top1_err"] < 90

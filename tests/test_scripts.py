@@ -26,3 +26,20 @@ def test_complexity_bad_override_is_a_short_error():
     proc = run_script("complexity.py", "attention=sse")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Available options in 'attention'" in proc.stderr
+
+
+def test_benchmark_attention_measures_every_block_and_timms_where_it_has_one():
+    from models.attention import ATTENTION_BLOCKS
+
+    proc = run_script("benchmark_attention.py", "--channels", "32", "--sizes", "8", "--batch", "2", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| block", "| ---"))}
+    assert set(rows) == set(ATTENTION_BLOCKS)
+    with_timm = {"se", "cbam", "eca", "coord", "gc", "nonlocal", "mhsa", "outlook"}
+    for name, cells in rows.items():
+        time_ratio = cells[3].strip()
+        assert (time_ratio != "-") == (name in with_timm)
+        if name in with_timm:
+            assert float(time_ratio) > 0 and float(cells[6]) > 0
+        assert float(cells[1]) > 0 and float(cells[4]) > 0  # our time and peak memory were measured

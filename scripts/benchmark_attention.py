@@ -1,0 +1,148 @@
+"""Forward+backward time and peak memory of every attention block against timm's equivalent.
+
+Usage: python scripts/benchmark_attention.py [--channels 256] [--sizes 56 14] [--batch 8] [--repeats 5]
+Both modules of a pair are built with matching arguments and timed alternately in one process;
+the table's ratios (ours / timm) are measured in this run. Peak memory is the most tensor bytes alive
+at once during one forward+backward: torch.cuda's counter on a GPU, a dispatch-level tracker on the CPU.
+"""
+import argparse
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+from _config import ROOT  # noqa: F401  (puts the repo on the path)
+from timm.layers import EcaModule, GlobalContext, NonLocalAttn, SEModule
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.layers.cbam import CbamModule
+from timm.layers.coord_attn import CoordAttn
+from timm.models.volo import OutlookAttention as TimmOutlookAttention
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from models.attention import ATTENTION_BLOCKS, MultiHeadSelfAttention2d
+from models.attention.eca import eca_kernel_size
+
+
+class TimmOutlook(nn.Module):
+    """timm's VOLO outlook attention in the same residual (B, C, H, W) form as ours."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.attention = TimmOutlookAttention(channels, num_heads=1, kernel_size=3, padding=1, stride=2)
+
+    def forward(self, x):
+        return x + self.attention(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
+def timm_equivalent(name: str, c: int, size: int) -> nn.Module | None:
+    """timm's module for block ``name`` with arguments that match ours, or None."""
+    return {
+        "se": lambda: SEModule(c, rd_channels=c // 16),
+        "cbam": lambda: CbamModule(c, rd_channels=c // 16, mlp_bias=True),
+        "eca": lambda: EcaModule(c) if eca_kernel_size(c) >= 3 else None,
+        "coord": lambda: CoordAttn(c, rd_channels=max(8, c // 32), bias=True),
+        "gc": lambda: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_channels=c // 16),
+        "nonlocal": lambda: NonLocalAttn(c, rd_channels=c // 2, use_scale=False),
+        "mhsa": lambda: BottleneckAttn(c, c, feat_size=(size, size), num_heads=4),
+        "outlook": lambda: TimmOutlook(c),
+    }.get(name, lambda: None)()
+
+
+def ours(name: str, c: int, size: int) -> nn.Module:
+    """Our block with its paper defaults (replace_spatial blocks at stride 1, C -> C)."""
+    cls = ATTENTION_BLOCKS[name]
+    if cls is MultiHeadSelfAttention2d:
+        return cls(c, c, 1, max_size=size)
+    return cls(c, c, 1) if "replace_spatial" in cls.positions else cls(c)
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Most bytes held by tensor storages alive at once while the mode is active (CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def _release(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def step(module: nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward pass."""
+    module(x).sum().backward()
+
+
+def measure(module: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak MiB) of a forward+backward pass."""
+    cuda = x.device.type == "cuda"
+    step(module, x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(module, x)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(module, x)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakTensorMemory() as tracker:
+            step(module, x)
+        peak = tracker.peak
+    return statistics.median(times), peak / 2**20
+
+
+def main() -> None:
+    """Measure every block at each size and print one markdown table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[56, 14])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--blocks", nargs="+", default=list(ATTENTION_BLOCKS))
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    c = args.channels
+    print(f"device {device.type}, C={c}, batch {args.batch}, median of {args.repeats} forward+backward passes")
+    print("| block | size | ours ms | timm ms | time ours/timm | ours MiB | timm MiB | memory ours/timm |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in args.sizes:
+        for name in args.blocks:
+            torch.manual_seed(0)
+            x = torch.randn(args.batch, c, size, size, device=device, requires_grad=True)
+            mine = ours(name, c, size).to(device)
+            t_ours, m_ours = measure(mine, x, args.repeats)
+            theirs = timm_equivalent(name, c, size)
+            if theirs is None:
+                print(f"| {name} | {size} | {1e3 * t_ours:.1f} | - | - | {m_ours:.3g} | - | - |")
+                continue
+            t_timm, m_timm = measure(theirs.to(device), x, args.repeats)
+            print(f"| {name} | {size} | {1e3 * t_ours:.1f} | {1e3 * t_timm:.1f} | {t_ours / t_timm:.2f} "
+                  f"| {m_ours:.3g} | {m_timm:.3g} | {m_ours / max(m_timm, 1e-9):.2f} |")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

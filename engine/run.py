@@ -81,7 +81,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # Model first: a bad model or attention spec fails before any data is read.
     model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
     size = cfg.data.image_size
-    summary = {"params": count_params(model), "macs": count_macs(model, (3, size, size)), "input_size": size}
+    try:  # one forward pass at the configured size: a block that cannot take it fails here, not mid-epoch
+        macs = count_macs(model, (3, size, size))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"model {cfg.model.name} with attention {cfg.attention.name} cannot run on {size}x{size} "
+            f"inputs ({str(e).splitlines()[0]}); check data.image_size and model.stem"
+        ) from None
+    summary = {"params": count_params(model), "macs": macs, "input_size": size}
     log.info("model %s + attention %s: %s params, %s MACs at %dx%d", cfg.model.name, cfg.attention.name,
              f"{summary['params']:,}", f"{summary['macs']:,}", size, size)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)

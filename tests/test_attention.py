@@ -363,3 +363,15 @@ def test_gc_resnet50_parameters():
     """GC r=16 after the last 1x1 of every c3-c5 unit: 28.08M (GCNet paper, Table 2)."""
     model = build_model(IMAGENET_R50, {"name": "gc", "stages": [2, 3, 4]})
     assert round(count_params(model) / 1e6, 2) == 28.08
+
+
+def test_non_local_macs_count_its_attention_matmuls():
+    """theta, phi, g (C -> C/2) and W (C/2 -> C) per position, plus Q K^T and A V: 2 * N * N * C/2."""
+    from engine.complexity import count_macs
+
+    c, h, w = 32, 6, 5
+    n, inner = h * w, c // 2
+    convs = 3 * (c * inner * n) + inner * c * n
+    assert count_macs(NonLocal(c), (c, h, w)) == convs + 2 * n * n * inner
+    # dot: phi^T g (C/2 x C/2), then theta times it: linear in N
+    assert count_macs(NonLocal(c, mode="dot"), (c, h, w)) == convs + 2 * n * inner * inner

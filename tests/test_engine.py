@@ -378,15 +378,15 @@ def test_blocks_learn_on_a_slice_of_the_shared_cifar10(cifar10_root, tmp_path, b
     assert metrics["status"] == "completed" and metrics["top1_err"] < 90
 
 
-class NeedsEightByEight(nn.Module):
-    """A block that, like some attention layers, cannot run on maps smaller than 8x8."""
+class NeedsNineByNine(nn.Module):
+    """A block that, like some attention layers, cannot run on maps smaller than 9x9 (ResNet-20 ends at 8x8)."""
 
     positions = frozenset({"standard"})
     default_position = "standard"
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 8)
+        self.conv = nn.Conv2d(channels, channels, 9)
 
     def forward(self, x):
         return x + self.conv(x).mean()
@@ -395,8 +395,8 @@ class NeedsEightByEight(nn.Module):
 def test_a_size_a_block_cannot_take_fails_before_training(quick_config, tmp_path, monkeypatch):
     import models.placement
 
-    monkeypatch.setitem(models.placement.ATTENTION_BLOCKS, "needs8", NeedsEightByEight)
-    cfg = quick_config("attention=none", "attention.name=needs8", "trainer.epochs=1")
+    monkeypatch.setitem(models.placement.ATTENTION_BLOCKS, "needs9", NeedsNineByNine)
+    cfg = quick_config("attention=none", "attention.name=needs9", "trainer.epochs=1")
     with pytest.raises(ConfigError, match="cannot run on 32x32 inputs .*check data.image_size and model.stem"):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()

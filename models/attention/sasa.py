@@ -44,15 +44,16 @@ class LocalSelfAttention(nn.Module):
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
         b, _, h, w = x.shape
         kk, n, d = self.k * self.k, self.heads, self.dim
-        q = self.q(x).view(b, n, d, 1, h * w) * d ** -0.5
+        q = (self.q(x) * d ** -0.5).view(b, n, d, h * w).permute(0, 1, 3, 2).unsqueeze(3)  # B, n, HW, 1, d
         kv = F.unfold(self.kv(x), self.k, padding=self.k // 2).view(b, 2, n, d, kk, h * w)
-        k, v = kv.unbind(1)  # B, n, d, k*k, HW
+        k, v = kv.permute(1, 0, 2, 5, 3, 4).unbind(0)  # B, n, HW, d, k*k
         rel = torch.cat([  # d, k*k: row offset in the first half, column offset in the second
             self.rel_row.unsqueeze(2).expand(-1, -1, self.k).reshape(d // 2, kk),
             self.rel_col.unsqueeze(1).expand(-1, self.k, -1).reshape(d // 2, kk),
         ])
-        logits = (q * (k + rel.view(1, 1, d, kk, 1))).sum(2)  # B, n, k*k, HW
-        inside = F.unfold(x.new_ones(1, 1, h, w), self.k, padding=self.k // 2).view(1, 1, kk, h * w) > 0
-        att = torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=2)
-        out = (att.unsqueeze(2) * v).sum(3)  # B, n, d, HW
+        logits = q @ (k + rel)  # B, n, HW, 1, k*k (batched matmuls, so MAC counters see them)
+        inside = F.unfold(x.new_ones(1, 1, h, w), self.k, padding=self.k // 2)[0].t().reshape(1, 1, h * w, 1, kk) > 0
+        att = torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=-1)
+        out = (att @ v.transpose(-1, -2)).squeeze(3)  # B, n, HW, d
+        out = out.permute(0, 1, 3, 2)  # B, n, d, HW
         return self.pool(out.reshape(b, n * d, h, w))

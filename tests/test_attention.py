@@ -92,7 +92,7 @@ def make_block(name: str, channels: int, out_channels: int | None = None, stride
 
 def test_every_registered_block_is_covered():
     assert set(GATES_AND_MIXERS) | set(REPLACERS) == set(ATTENTION_BLOCKS)
-    assert len(ATTENTION_BLOCKS) == 13
+    assert len(ATTENTION_BLOCKS) == 15
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
@@ -375,3 +375,26 @@ def test_non_local_macs_count_its_attention_matmuls():
     assert count_macs(NonLocal(c), (c, h, w)) == convs + 2 * n * n * inner
     # dot: phi^T g (C/2 x C/2), then theta times it: linear in N
     assert count_macs(NonLocal(c, mode="dot"), (c, h, w)) == convs + 2 * n * inner * inner
+
+
+def test_simam_is_parameter_free_and_follows_its_energy():
+    from models.attention import SimAM
+
+    block = SimAM(8)
+    assert sum(p.numel() for p in block.parameters()) == 0
+    x = torch.randn(2, 8, 5, 4)
+    mu, var = x.mean((2, 3), keepdim=True), x.var((2, 3), keepdim=True)  # var over HW - 1, as the paper
+    energy = (x - mu) ** 2 / (4 * (var + 1e-4)) + 0.5
+    torch.testing.assert_close(block(x), x * torch.sigmoid(energy))
+
+
+def test_triplet_attention_has_three_7x7_gates_and_averages_them():
+    from models.attention import TripletAttention
+
+    block = TripletAttention(16)
+    assert sum(p.numel() for p in block.parameters()) == 3 * (2 * 7 * 7 + 2)  # conv + BN affine
+    for gate in (block.ch, block.cw, block.hw):
+        torch.nn.init.zeros_(gate.conv.weight)
+        torch.nn.init.zeros_(gate.bn.bias)
+    x = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(block.eval()(x), x * 0.5)  # every gate is sigmoid(0)

@@ -10,8 +10,10 @@ from models.attention.non_local import NonLocal
 from models.attention.outlook import Outlook
 from models.attention.residual_attention import ResidualAttention
 from models.attention.sasa import LocalSelfAttention
+from models.attention.simam import SimAM
 from models.attention.se import SqueezeExcite
 from models.attention.stn import SpatialTransformer
+from models.attention.triplet import TripletAttention
 
 # The only place a config name becomes a class. `none` is handled by the spec parser.
 ATTENTION_BLOCKS = {
@@ -28,6 +30,8 @@ ATTENTION_BLOCKS = {
     "mhsa": MultiHeadSelfAttention2d,
     "sasa": LocalSelfAttention,
     "outlook": Outlook,
+    "simam": SimAM,
+    "triplet": TripletAttention,
 }
 
 __all__ = ["ATTENTION_BLOCKS", *(cls.__name__ for cls in ATTENTION_BLOCKS.values())]

@@ -1,0 +1,53 @@
+"""Triplet attention: three rotated Z-pool + conv gates over (C, H), (C, W) and (H, W).
+
+Paper: "Rotate to Attend: Convolutional Triplet Attention Module", Misra, Nalamada, Arasanipalai,
+Hou, WACV 2021. https://arxiv.org/abs/2010.03045 . Reference code:
+https://github.com/landskape-ai/triplet-attention
+
+Each branch permutes the tensor so one of C, H, W becomes the "channel" axis, Z-pools it (max and
+mean, in that order as the official code), and gates with sigmoid(BN(conv7x7)); the three gated
+tensors are rotated back and averaged.
+"""
+import torch
+from torch import nn
+
+
+class AttentionGate(nn.Module):
+    """sigmoid(BN(conv7x7([max, mean] over dim 1))) scales the input."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, D, P, Q) -> (B, D, P, Q)."""
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class TripletAttention(nn.Module):
+    """Average of the C-H, C-W and H-W interaction branches.
+
+    Args:
+        channels: channel count (the gates do not depend on it).
+        kernel_size: the gates' conv kernel (7 in the paper).
+        spatial: include the plain H-W branch (False: the paper's two-branch ablation).
+    """
+
+    default_position = "standard"
+    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
+
+    def __init__(self, channels: int, kernel_size: int = 7, spatial: bool = True):
+        super().__init__()
+        self.ch = AttentionGate(kernel_size)  # H plays the channel role: C-W interaction
+        self.cw = AttentionGate(kernel_size)  # W plays the channel role: C-H interaction
+        self.hw = AttentionGate(kernel_size) if spatial else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        out_h = self.ch(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)  # B, H, C, W and back
+        out_w = self.cw(x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)  # B, W, H, C and back
+        if self.hw is None:
+            return (out_h + out_w) / 2
+        return (out_h + out_w + self.hw(x)) / 3

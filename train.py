@@ -4,6 +4,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from data import DataError
@@ -29,11 +30,14 @@ def short_message(error: Exception) -> str:
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Compose the config, train, evaluate and say where the outputs are."""
-    run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
     try:
         metrics = train(cfg, run_dir)
     except USER_ERRORS as e:
         log.error("error: %s", short_message(e))
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return  # the sweep goes on; this run's metrics.json says "failed"
         sys.exit(1)
     log.info("top-1 error %.2f%% (best %.2f%%) after %d epochs", metrics["top1_err"],
              metrics["best_top1_err"], metrics["epoch"])

@@ -1,5 +1,7 @@
 """``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
+import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -61,9 +63,29 @@ def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Pat
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says, writing everything under ``run_dir``.
 
-    Returns the final metrics, which are also in ``run_dir/metrics.json``.
+    Returns the final metrics, which are also in ``run_dir/metrics.json``; a run that fails at any
+    point is marked ``failed`` there, with the error, so sweeps can list it apart.
     """
     run_dir = Path(run_dir)
+    try:
+        return _train(cfg, run_dir)
+    except BaseException as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            _mark_failed(run_dir, e)
+        raise
+
+
+def _mark_failed(run_dir: Path, error: BaseException) -> None:
+    """Set status ``failed`` and the error's first line in metrics.json, keeping what it held."""
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics.update(status="failed", error=f"{type(error).__name__}: {error}".strip().splitlines()[0])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, metrics)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The body of ``train``."""
     tcfg = cfg.trainer
     device = select_device(tcfg.device)
     precision = build_precision(tcfg.amp, device)
@@ -138,6 +160,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {"status": "running", "epoch": start_epoch - 1, "epochs": tcfg.epochs, **summary}
     if history:
         metrics.update(history[-1])
+    if main:
+        write_json(run_dir / "metrics.json", metrics)  # "running" from the start, for anyone watching
     try:
         if tcfg.eval_only:
             result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
@@ -189,11 +213,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 write_json(run_dir / "metrics.json", metrics)
         metrics["status"] = "completed"
         return _finish(metrics, run_dir, main, writer, cfg)
-    except BaseException as e:
-        if main:
-            metrics.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
-            write_json(run_dir / "metrics.json", metrics)
-        raise
     finally:
         if writer is not None:
             writer.close()

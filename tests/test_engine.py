@@ -400,3 +400,13 @@ def test_a_size_a_block_cannot_take_fails_before_training(quick_config, tmp_path
     with pytest.raises(ConfigError, match="cannot run on 32x32 inputs .*check data.image_size and model.stem"):
         train(cfg, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    proc = run_cli("-m", "trainer.resume=/no/such.pt,null", f"hydra.sweep.dir={tmp_path}", "trainer.epochs=1",
+                   "data.max_train_samples=64", "data.max_val_samples=20", "trainer.progress=false")
+    assert proc.returncode == 0, proc.stderr
+    statuses = sorted(read_metrics(d)["status"] for d in tmp_path.iterdir() if (d / "metrics.json").exists())
+    assert "checkpoint /no/such.pt does not exist" in proc.stdout + proc.stderr
+    assert statuses == ["completed", "failed"]

@@ -101,22 +101,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     # Model first: a bad model or attention spec fails before any data is read.
-    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
-    size = cfg.data.image_size
-    try:  # one forward pass at the configured size: a block that cannot take it fails here, not mid-epoch
-        macs = count_macs(model, (3, size, size))
-    except RuntimeError as e:
-        raise ConfigError(
-            f"model {cfg.model.name} with attention {cfg.attention.name} cannot run on {size}x{size} "
-            f"inputs ({str(e).splitlines()[0]}); check data.image_size and model.stem"
-        ) from None
-    summary = {"params": count_params(model), "macs": macs, "input_size": size}
-    log.info("model %s + attention %s: %s params, %s MACs at %dx%d", cfg.model.name, cfg.attention.name,
-             f"{summary['params']:,}", f"{summary['macs']:,}", size, size)
+    model, summary = _build_checked_model(cfg)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
-    use_mixup = cfg.data.mixup > 0 or cfg.data.cutmix > 0
-    train_loader, val_loader = build_loaders(
-        cfg.data, train_set, val_set, rank, world_size, drop_last=use_mixup, seed=cfg.seed
+    criterion, mixup = _build_criterion(cfg.data)
+    train_loader, val_loader = build_loaders(  # mixup pairs samples within a batch: keep batches full
+        cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed
     )
     log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
 
@@ -130,13 +119,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(raw_model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, tcfg.epochs, len(train_loader))
     ema = ModelEmaV3(raw_model, decay=tcfg.ema_decay) if tcfg.ema else None
-    mixup = None
-    if use_mixup:
-        mixup = Mixup(mixup_alpha=cfg.data.mixup, cutmix_alpha=cfg.data.cutmix,
-                      label_smoothing=cfg.data.label_smoothing, num_classes=cfg.data.num_classes)
-        criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.data.label_smoothing)
 
     # Resume: an explicit checkpoint, else this run directory's own last one.
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
@@ -144,15 +126,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start_epoch, history, best = 1, [], {"top1_err": float("inf"), "epoch": 0}
     if resume:
         state = load_checkpoint(resume)
-        _load_weights(raw_model, state["model"], resume)
-        if ema is not None and state.get("ema") is not None:
-            _load_weights(ema.module, state["ema"], resume)
+        training = None if tcfg.eval_only else (optimizer, scheduler, precision.scaler)
+        _restore(state, resume, raw_model, ema, training)
         if not tcfg.eval_only:
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler"):
-                scheduler.load_state_dict(state["scheduler"])
-            precision.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
             start_epoch, history, best = state["epoch"] + 1, list(state["history"]), dict(state["best"])
         log.info("resumed from %s (epoch %d)", resume, state["epoch"])
 
@@ -194,11 +170,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                      epoch, tcfg.epochs, stats["loss"], result["top1_err"], result["top5_err"],
                      result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
             if main:
-                writer.add_scalar("val/top1_err", result["top1_err"], epoch * steps_per_epoch)
-                writer.add_scalar("val/top5_err", result["top5_err"], epoch * steps_per_epoch)
-                writer.add_scalar("val/loss", result["loss"], epoch * steps_per_epoch)
-                if ema_result:
-                    writer.add_scalar("val/ema_top1_err", ema_result["top1_err"], epoch * steps_per_epoch)
+                _log_evaluation(writer, result, ema_result, epoch * steps_per_epoch)
                 state = {
                     "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                     "optimizer": optimizer.state_dict(),
@@ -217,6 +189,57 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if writer is not None:
             writer.close()
         cleanup()
+
+
+def _build_checked_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, int]]:
+    """The configured model and its size; one forward pass at the input size checks it can run."""
+    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    size = cfg.data.image_size
+    try:  # a block that cannot take this size fails here, not mid-epoch
+        macs = count_macs(model, (3, size, size))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"model {cfg.model.name} with attention {cfg.attention.name} cannot run on {size}x{size} "
+            f"inputs ({str(e).splitlines()[0]}); check data.image_size and model.stem"
+        ) from None
+    summary = {"params": count_params(model), "macs": macs, "input_size": size}
+    log.info("model %s + attention %s: %s params, %s MACs at %dx%d", cfg.model.name, cfg.attention.name,
+             f"{summary['params']:,}", f"{summary['macs']:,}", size, size)
+    return model, summary
+
+
+def _build_criterion(data_cfg) -> tuple[nn.Module, Mixup | None]:
+    """Soft-target cross-entropy with timm's mixup/cutmix, or cross-entropy with label smoothing."""
+    if data_cfg.mixup > 0 or data_cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix,
+                      label_smoothing=data_cfg.label_smoothing, num_classes=data_cfg.num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    return nn.CrossEntropyLoss(label_smoothing=data_cfg.label_smoothing), None
+
+
+def _restore(state: dict[str, Any], path: Path | str, model: nn.Module, ema: nn.Module | None,
+             training: tuple | None) -> None:
+    """Load weights (and, given ``(optimizer, scheduler, scaler)``, the training state and RNGs)."""
+    _load_weights(model, state["model"], path)
+    if ema is not None and state.get("ema") is not None:
+        _load_weights(ema.module, state["ema"], path)
+    if training is None:
+        return
+    optimizer, scheduler, scaler = training
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
+def _log_evaluation(writer: SummaryWriter, result: dict, ema_result: dict | None, step: int) -> None:
+    """The val/* TensorBoard scalars of one evaluation."""
+    writer.add_scalar("val/top1_err", result["top1_err"], step)
+    writer.add_scalar("val/top5_err", result["top5_err"], step)
+    writer.add_scalar("val/loss", result["loss"], step)
+    if ema_result:
+        writer.add_scalar("val/ema_top1_err", ema_result["top1_err"], step)
 
 
 def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None) -> dict[str, float]:

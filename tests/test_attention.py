@@ -23,6 +23,15 @@ def test_se_width_is_exactly_c_over_r_not_rounded_like_timm():
     assert SEModule(64, rd_ratio=1 / 16).fc1.out_channels == 8  # timm's default rounds to 8
 
 
+@pytest.mark.parametrize("channels", [64, 72, 200, 2048])
+def test_se_divisor_option_gives_timms_default_module(channels):
+    ours = SqueezeExcite(channels, reduction=16, divisor=8)
+    theirs = SEModule(channels)  # timm's defaults: rd_ratio 1/16, rd_divisor 8
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, channels, 3, 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
 def test_se_bias_option():
     assert SqueezeExcite(64, 4, bias=False).fc1.bias is None
     assert count_params(SqueezeExcite(64, 4, bias=True)) - count_params(SqueezeExcite(64, 4, bias=False)) == 16 + 64

@@ -135,7 +135,7 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_branch():
 
 @pytest.mark.parametrize("model_cfg,attention,message", [
     ({"name": "resnet20"}, {"name": "cbamm"}, "unknown attention block 'cbamm'; valid names: none, se"),
-    ({"name": "resnet20"}, {"name": "se", "reductio": 8}, "unknown key(s) reductio; valid keys: name, stages, position, every, reduction, bias"),
+    ({"name": "resnet20"}, {"name": "se", "reductio": 8}, "unknown key(s) reductio; valid keys: name, stages, position, every, reduction, bias, squeeze, gate, divisor"),
     ({"name": "resnet20"}, {"name": "se", "stages": [4]}, "resnet20 has no stage 4; valid stages: 1..3, -3..-1"),
     ({"name": "resnet20"}, {"name": "se", "position": "replace_spatial"}, "cannot go at position 'replace_spatial'"),
     ({"name": "resnet20"}, {"name": "se", "position": "middle"}, "unknown position 'middle'; valid positions: default, standard"),

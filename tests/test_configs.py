@@ -70,7 +70,7 @@ def test_unknown_key_override_is_an_error(override):
 
 def test_added_attention_key_fails_at_build_with_the_valid_keys():
     cfg = compose_config("+attention.ratio=4")
-    with pytest.raises(ConfigError, match="unknown key\\(s\\) ratio; valid keys: name, stages, position, every, reduction, bias"):
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) ratio; valid keys: name, stages, position, every, reduction, bias, squeeze, gate, divisor"):
         build_model(cfg.model, cfg.attention, num_classes=10)
 
 

@@ -5,10 +5,11 @@ https://arxiv.org/abs/1709.01507 . Reference code: https://github.com/hujie-fran
 
 Differences from timm's ``SEModule``: timm rounds the hidden width to a multiple of 8
 (``rd_divisor=8``) and takes a ratio; here the width is exactly ``channels // reduction`` as in
-the paper's Table 5 and its parameter counts. Build timm's module with ``rd_channels=C // r`` to get
-the same layer (``tests/test_attention.py`` checks the outputs are equal).
+the paper's Table 5 and its parameter counts. ``divisor=8`` gives timm's rounding; timm's module
+built with ``rd_channels=C // r`` gives this one (``tests/test_attention.py`` checks both).
 """
 import torch
+from timm.layers import make_divisible
 from torch import nn
 
 GATES = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -24,15 +25,16 @@ class SqueezeExcite(nn.Module):
         squeeze: ``avg`` (the paper), ``max``, or ``none``: the paper's NoSqueeze ablation, where
             the two FCs become 1x1 convs applied at full resolution (a gate per position).
         gate: the excitation non-linearity of the paper's ablation: ``sigmoid``, ``relu``, ``tanh``.
+        divisor: round the width to a multiple of this as timm does (1: exactly C // r).
     """
 
     default_position = "standard"
     positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True, squeeze: str = "avg",
-                 gate: str = "sigmoid"):
+                 gate: str = "sigmoid", divisor: int = 1):
         super().__init__()
-        hidden = channels // reduction
+        hidden = channels // reduction if divisor == 1 else make_divisible(channels / reduction, divisor, round_limit=0.0)
         if reduction < 1 or hidden < 1:
             raise ValueError(
                 f"se: reduction={reduction} leaves no hidden units for {channels} channels; "

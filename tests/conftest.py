@@ -16,6 +16,12 @@ SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
 register_configs()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core; more torch threads per worker would only contend.
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def compose_config(*overrides: str, config_dir: Path = CONFIG_DIR) -> DictConfig:
     """The config train.py would see for these command-line overrides."""

@@ -5,25 +5,13 @@ Hou, WACV 2021. https://arxiv.org/abs/2010.03045 . Reference code:
 https://github.com/landskape-ai/triplet-attention
 
 Each branch permutes the tensor so one of C, H, W becomes the "channel" axis, Z-pools it (max and
-mean, in that order as the official code), and gates with sigmoid(BN(conv7x7)); the three gated
-tensors are rotated back and averaged.
+mean, in that order as the official code), and gates with sigmoid(BN(conv7x7)): exactly CBAM's
+spatial gate, which is reused. The three gated tensors are rotated back and averaged.
 """
 import torch
 from torch import nn
 
-
-class AttentionGate(nn.Module):
-    """sigmoid(BN(conv7x7([max, mean] over dim 1))) scales the input."""
-
-    def __init__(self, kernel_size: int = 7):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, D, P, Q) -> (B, D, P, Q)."""
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+from models.attention.cbam import SpatialGate
 
 
 class TripletAttention(nn.Module):
@@ -40,9 +28,9 @@ class TripletAttention(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int = 7, spatial: bool = True):
         super().__init__()
-        self.ch = AttentionGate(kernel_size)  # H plays the channel role: C-W interaction
-        self.cw = AttentionGate(kernel_size)  # W plays the channel role: C-H interaction
-        self.hw = AttentionGate(kernel_size) if spatial else None
+        self.ch = SpatialGate(kernel_size)  # H plays the channel role: C-W interaction
+        self.cw = SpatialGate(kernel_size)  # W plays the channel role: C-H interaction
+        self.hw = SpatialGate(kernel_size) if spatial else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from engine.complexity import count_macs, count_params
 from models import build_model
 from tests.conftest import ROOT
@@ -43,3 +45,50 @@ def test_benchmark_attention_measures_every_block_and_timms_where_it_has_one():
         if name in with_timm:
             assert float(time_ratio) > 0 and float(cells[6]) > 0
         assert float(cells[1]) > 0 and float(cells[4]) > 0  # our time and peak memory were measured
+
+
+def fake_run(root, name: str, config: dict, metrics: dict):
+    """A run directory as train.py leaves it (config.yaml + metrics.json), with given contents."""
+    import yaml
+
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_ablation_table_aggregates_seeds_and_lists_failed_runs_apart(tmp_path):
+    base = {"model": {"name": "resnet20"}, "data": {"root": "/a"}}
+    done = {"status": "completed", "top5_err": 1.0, "params": 1000, "macs": 2_000_000, "train_images_per_s": 50.0}
+    for seed, err in enumerate([10.0, 12.0, 14.0]):
+        fake_run(tmp_path, f"r8_s{seed}", {**base, "attention": {"reduction": 8}, "seed": seed},
+                 {**done, "top1_err": err})
+    fake_run(tmp_path, "r4", {**base, "attention": {"reduction": 4}, "seed": 0}, {**done, "top1_err": 9.0})
+    fake_run(tmp_path, "r2", {**base, "attention": {"reduction": 2}, "seed": 0},
+             {"status": "failed", "error": "NonFiniteLossError: boom", "top1_err": 99.0})
+    proc = run_script("ablation_table.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| attention.reduction | top-1 err (%) |")
+    assert lines[2].startswith("| 4 | 9.00 |") and lines[3].startswith("| 8 | 12.00 ± 2.00 (3) |")
+    assert "99.00" not in proc.stdout and "r2: failed NonFiniteLossError: boom" in proc.stdout
+    assert (tmp_path / "ablation.csv").read_text().count("\n") == 3
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_ablation_table_of_a_real_two_point_sweep(tmp_path):
+    from tests.conftest import run_cli
+
+    sweep = run_cli("-m", "attention.reduction=4,8", f"hydra.sweep.dir={tmp_path}", "trainer.epochs=1",
+                    "data.max_train_samples=64", "data.max_val_samples=30", "trainer.progress=false")
+    assert sweep.returncode == 0, sweep.stderr
+    proc = run_script("ablation_table.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| attention.reduction |") and len(rows) == 3
+    for run in tmp_path.glob("*_attention.reduction=*"):
+        metrics = json.loads((run / "metrics.json").read_text())
+        reduction = run.name.split("=")[-1]
+        assert any(r.startswith(f"| {reduction} | {metrics['top1_err']:.2f} |") for r in rows[1:])

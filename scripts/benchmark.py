@@ -63,10 +63,12 @@ def main() -> None:
     scheduler = build_scheduler(engine_opt, cfg.sched, cfg.trainer.epochs, args.steps)
 
     def engine_round():
+        """One pass of the engine's loop, as train.py runs it (schedule stepped every step)."""
         train_one_epoch(model, criterion, loader, engine_opt, precision, epoch=1, scheduler=scheduler,
                         log_interval=cfg.trainer.log_interval, progress=False)
 
     def plain_round():
+        """One pass of the hand-written loop."""
         plain_loop(model, criterion, loader, plain_opt, precision)
 
     engine_round(), plain_round()  # warm-up: allocator, kernels, caches

@@ -34,6 +34,7 @@ class TimmOutlook(nn.Module):
         self.attention = TimmOutlookAttention(channels, num_heads=1, kernel_size=3, padding=1, stride=2)
 
     def forward(self, x):
+        """x: (B, C, H, W) -> (B, C, H, W)."""
         return x + self.attention(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
 
 
@@ -67,6 +68,7 @@ class PeakTensorMemory(TorchDispatchMode):
         self.live, self.peak, self.seen = 0, 0, set()
 
     def _release(self, key, nbytes):
+        """Called when a storage is freed: it no longer counts as live."""
         self.seen.discard(key)
         self.live -= nbytes
 

@@ -2,7 +2,8 @@
 
 Usage: python scripts/benchmark.py [train.py overrides] [--steps N] [--rounds R]
 Both loops train the same model on the same in-memory batches with the same optimizer; rounds
-alternate between them so drift in machine load hits both. Prints each median and the ratio.
+alternate between them in ABBA order so drift in machine load hits both. Prints each median and
+the ratio.
 """
 import argparse
 import statistics
@@ -73,9 +74,10 @@ def main() -> None:
 
     engine_round(), plain_round()  # warm-up: allocator, kernels, caches
     engine_s, plain_s = [], []
-    for _ in range(args.rounds):
-        engine_s.append(timed(engine_round))
-        plain_s.append(timed(plain_round))
+    for i in range(args.rounds):  # ABBA order, so whatever favours going first or second cancels
+        pair = [(engine_s, engine_round), (plain_s, plain_round)]
+        for times, fn in pair if i % 2 == 0 else pair[::-1]:
+            times.append(timed(fn))
     engine_rate, plain_rate = args.steps / statistics.median(engine_s), args.steps / statistics.median(plain_s)
     print(f"model {cfg.model.name} + {cfg.attention.name}, batch {batch}, {size}x{size}, {device.type}, "
           f"{args.rounds} rounds x {args.steps} steps")

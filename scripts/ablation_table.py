@@ -38,11 +38,17 @@ def load_runs(dirs: list[Path]) -> list[dict]:
 
 
 def varied_keys(runs: list[dict]) -> list[str]:
-    """Config keys whose values differ between runs, in config order, without the ignored ones."""
+    """Config keys that take two or more values among the runs that have them, in config order.
+
+    A key only some runs have and that never changes (SE's ``reduction`` beside ``attention=none``)
+    follows from one that varies (``attention.name``), so it is not a column; runs without a key
+    show "-" in its column.
+    """
     keys = []
     for run in runs:
         keys += [k for k in run["config"] if k not in keys]
-    return [k for k in keys if k not in IGNORED_KEYS and len({str(r["config"].get(k)) for r in runs}) > 1]
+    return [k for k in keys if k not in IGNORED_KEYS
+            and len({str(r["config"][k]) for r in runs if k in r["config"]}) > 1]
 
 
 def mean_std(values: list[float]) -> str:
@@ -56,7 +62,7 @@ def aggregate(runs: list[dict], keys: list[str]) -> list[dict]:
     """One row per configuration (the varied keys' values), seeds pooled."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault(tuple(str(run["config"].get(k)) for k in keys), []).append(run)
+        groups.setdefault(tuple(str(run["config"].get(k, "-")) for k in keys), []).append(run)
     rows = []
     for values, members in groups.items():
         m = [r["metrics"] for r in members]
@@ -115,8 +121,7 @@ def plot(rows: list[dict], keys: list[str], x: str, path: Path) -> None:
     ax.set_xlabel("parameters (M)" if x == "params" else "GMACs")
     ax.set_ylabel("top-1 error (%)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

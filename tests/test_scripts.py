@@ -59,21 +59,24 @@ def fake_run(root, name: str, config: dict, metrics: dict):
 
 
 def test_ablation_table_aggregates_seeds_and_lists_failed_runs_apart(tmp_path):
-    base = {"model": {"name": "resnet20"}, "data": {"root": "/a"}}
+    base = {"model": {"name": "resnet20"}, "data": {"root": "/a"}}  # data.root: never a column
     done = {"status": "completed", "top5_err": 1.0, "params": 1000, "macs": 2_000_000, "train_images_per_s": 50.0}
     for seed, err in enumerate([10.0, 12.0, 14.0]):
-        fake_run(tmp_path, f"r8_s{seed}", {**base, "attention": {"reduction": 8}, "seed": seed},
+        fake_run(tmp_path, f"r8_s{seed}", {**base, "attention": {"name": "se", "reduction": 8}, "seed": seed},
                  {**done, "top1_err": err})
-    fake_run(tmp_path, "r4", {**base, "attention": {"reduction": 4}, "seed": 0}, {**done, "top1_err": 9.0})
-    fake_run(tmp_path, "r2", {**base, "attention": {"reduction": 2}, "seed": 0},
+    fake_run(tmp_path, "r4", {**base, "attention": {"name": "se", "reduction": 4}, "seed": 0}, {**done, "top1_err": 9.0})
+    fake_run(tmp_path, "plain", {**base, "attention": {"name": "none"}, "seed": 0},
+             {**done, "top1_err": 20.0})  # has no attention.reduction: "-" in that column
+    fake_run(tmp_path, "r2", {**base, "attention": {"name": "se", "reduction": 2}, "seed": 0},
              {"status": "failed", "error": "NonFiniteLossError: boom", "top1_err": 99.0})
     proc = run_script("ablation_table.py", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("| attention.reduction | top-1 err (%) |")
-    assert lines[2].startswith("| 4 | 9.00 |") and lines[3].startswith("| 8 | 12.00 ± 2.00 (3) |")
+    assert lines[0].startswith("| attention.name | attention.reduction | top-1 err (%) |")
+    assert lines[2].startswith("| se | 4 | 9.00 |") and lines[3].startswith("| se | 8 | 12.00 ± 2.00 (3) |")
+    assert lines[4].startswith("| none | - | 20.00 |")
     assert "99.00" not in proc.stdout and "r2: failed NonFiniteLossError: boom" in proc.stdout
-    assert (tmp_path / "ablation.csv").read_text().count("\n") == 3
+    assert (tmp_path / "ablation.csv").read_text().count("\n") == 4
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 

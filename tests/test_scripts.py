@@ -91,7 +91,11 @@ def test_ablation_table_of_a_real_two_point_sweep(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| attention.reduction |") and len(rows) == 3
-    for run in tmp_path.glob("*_attention.reduction=*"):
+    import yaml
+
+    runs = [d for d in tmp_path.iterdir() if (d / "metrics.json").exists()]
+    assert len(runs) == 2
+    for run in runs:
         metrics = json.loads((run / "metrics.json").read_text())
-        reduction = run.name.split("=")[-1]
+        reduction = yaml.safe_load((run / "config.yaml").read_text())["attention"]["reduction"]
         assert any(r.startswith(f"| {reduction} | {metrics['top1_err']:.2f} |") for r in rows[1:])

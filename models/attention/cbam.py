@@ -46,7 +46,9 @@ class SpatialGate(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> spatial weights (B, 1, H, W) in (0, 1)."""
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)  # B, 2, H, W
+        # max with indices rather than amax: measured faster and with a lower peak than amax here,
+        # whose backward keeps the gated input for its mask (scripts/benchmark_attention.py)
+        pooled = torch.cat([x.max(1, keepdim=True).values, x.mean(1, keepdim=True)], dim=1)  # B, 2, H, W
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

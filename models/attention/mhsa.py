@@ -26,12 +26,11 @@ def relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def relative_logits(q: torch.Tensor, table: torch.Tensor, size: int) -> torch.Tensor:
-    """q (..., L, d) along one axis of length ``size`` -> logits (..., L, size) for each key offset."""
-    rel = q @ relative_table(table, size).t()  # ..., L, 2*size-1 (offset index)
+    """q (..., size, d), queries along one axis -> logits (..., size, size) for each key on that axis."""
+    rel = q @ relative_table(table, size).t()  # ..., size (query), 2*size-1 (offset index)
     idx = torch.arange(size, device=q.device)
     offset = idx.view(1, -1) - idx.view(-1, 1) + size - 1  # [query, key] -> table index
-    return rel.gather(-1, offset.expand(*rel.shape[:-1], size)) if rel.shape[-2] == size else \
-        rel[..., offset.view(-1)].view(*rel.shape[:-1], size, size)
+    return rel.gather(-1, offset.expand(*rel.shape[:-1], size))
 
 
 class MultiHeadSelfAttention2d(nn.Module):

@@ -174,11 +174,17 @@ class AttentionPlan:
             for index in range(depth):
                 self.unit(stage, index)  # raises now, not halfway through the build
 
-    def unit(self, stage: int, index: int) -> dict[str, Factory]:
-        """Factories by position for unit ``index`` (0-based) of ``stage`` (1-based)."""
+    def unit(self, stage: int, index: int, use_defaults: bool = True) -> dict[str, Factory]:
+        """Factories by position for unit ``index`` (0-based) of ``stage`` (1-based).
+
+        ``use_defaults=False`` leaves out specs placed by ``position: default``, for units where the
+        paper's default placement has no block (MobileNetV2's unit without expansion).
+        """
         chosen: dict[str, list[Factory]] = {}
         for spec, position in self.entries:
             if position == "stem" or (spec.stages is not None and stage not in spec.stages):
+                continue
+            if spec.position == "default" and not use_defaults:
                 continue
             if index % spec.every == spec.every - 1:
                 chosen.setdefault(position, []).append(spec.factory())

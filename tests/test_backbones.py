@@ -182,3 +182,41 @@ def test_a_position_the_block_does_not_take_is_refused_with_the_valid_ones(name)
     refused = next(p for p in ROLE_POSITIONS if p not in cls.positions)
     with pytest.raises(ConfigError, match=f"cannot go at position '{refused}'.*valid positions: "):
         build_model({"name": "resnet20"}, {"name": name, "position": refused})
+
+
+# --- MobileNetV2 -----------------------------------------------------------------------------------
+
+from models.attention import CoordAttention  # noqa: E402
+from models.backbones.mobilenetv2 import InvertedResidual  # noqa: E402
+
+
+@pytest.mark.parametrize("width", [1.4, 1.0, 0.75, 0.5, 0.35])
+def test_mobilenetv2_has_torchvisions_parameter_count_at_every_width(width):
+    ours = build_model({"name": "mobilenetv2", "width_mult": width}, {"name": "none"})
+    assert count_params(ours) == count_params(torchvision.models.mobilenet_v2(width_mult=width))
+    if width == 1.0:
+        assert count_params(ours) == 3_504_872
+
+
+def test_mobilenetv2_default_attention_goes_after_the_depthwise_conv_of_expanding_units():
+    model = build_model({"name": "mobilenetv2", "stem": "cifar"}, {"name": "coord"}, num_classes=10)
+    units = [u for stage in model.stages for u in stage]
+    placed = [isinstance(u.attn_after_spatial, CoordAttention) for u in units]
+    assert placed == [False] + [True] * (len(units) - 1)  # the t = 1 unit has none
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape[-2:] == (4, 4)
+    explicit = build_model({"name": "mobilenetv2"}, {"name": "coord", "position": "after_spatial"})
+    assert isinstance(explicit.stages[0][0].attn_after_spatial, CoordAttention)  # asked for: placed
+
+
+@pytest.mark.parametrize("name,position", [("se", "standard"), ("se", "pre"), ("cbam", "post"), ("eca", "identity"),
+                                           ("mhsa", "replace_spatial"), ("stn", "stem"), ("gc", "after_spatial")])
+def test_mobilenetv2_takes_attention_at_every_position(name, position):
+    model = build_model({"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.5},
+                        {"name": name, "position": position, "stages": [-2, -1]}, num_classes=10)
+    assert any(isinstance(m, ATTENTION_BLOCKS[name]) for m in model.modules())
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+    if position in ("identity", "post"):  # only units with a shortcut have them
+        for unit in (u for s in model.stages for u in s if not u.use_shortcut):
+            assert isinstance(getattr(unit, f"attn_{position}"), nn.Identity)

@@ -410,3 +410,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     statuses = sorted(read_metrics(d)["status"] for d in tmp_path.iterdir() if (d / "metrics.json").exists())
     assert "checkpoint /no/such.pt does not exist" in proc.stdout + proc.stderr
     assert statuses == ["completed", "failed"]
+
+
+@pytest.mark.slow
+def test_mobilenetv2_with_coordinate_attention_trains(quick_config, tmp_path):
+    metrics = train(quick_config("model=mobilenetv2", "attention=coord", "trainer.epochs=1"), tmp_path)
+    assert metrics["status"] == "completed" and metrics["params"] > 2_000_000

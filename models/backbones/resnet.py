@@ -19,7 +19,7 @@ from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigErro
 AttnFactories = Mapping[str, Callable[..., nn.Module]]
 
 
-def _attn(attn: AttnFactories, position: str, channels: int) -> nn.Module:
+def attention_at(attn: AttnFactories, position: str, channels: int) -> nn.Module:
     """The block for ``position`` built at ``channels``, or an identity when none is placed."""
     factory = attn.get(position)
     return factory(channels) if factory is not None else nn.Identity()
@@ -50,17 +50,17 @@ class BasicBlock(nn.Module):
         super().__init__()
         attn = attn or {}
         out_channels = channels * self.expansion
-        self.attn_pre = _attn(attn, "pre", in_channels)
+        self.attn_pre = attention_at(attn, "pre", in_channels)
         self.conv1 = _spatial_conv(attn, in_channels, channels, stride)
         self.bn1 = nn.BatchNorm2d(channels)
-        self.attn_after_spatial = _attn(attn, "after_spatial", channels)
+        self.attn_after_spatial = attention_at(attn, "after_spatial", channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.attn_standard = _attn(attn, "standard", out_channels)
+        self.attn_standard = attention_at(attn, "standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.attn_identity = _attn(attn, "identity", out_channels)
+        self.attn_identity = attention_at(attn, "identity", out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.attn_post = _attn(attn, "post", out_channels)
+        self.attn_post = attention_at(attn, "post", out_channels)
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The norm that closes the residual branch (zero-initialised by zero_init_residual)."""
@@ -99,19 +99,19 @@ class Bottleneck(nn.Module):
         attn = attn or {}
         out_channels = channels * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.attn_pre = _attn(attn, "pre", in_channels)
+        self.attn_pre = attention_at(attn, "pre", in_channels)
         self.conv1 = nn.Conv2d(in_channels, channels, 1, stride=stride_1x1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv2 = _spatial_conv(attn, channels, channels, stride_3x3)
         self.bn2 = nn.BatchNorm2d(channels)
-        self.attn_after_spatial = _attn(attn, "after_spatial", channels)
+        self.attn_after_spatial = attention_at(attn, "after_spatial", channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
-        self.attn_standard = _attn(attn, "standard", out_channels)
+        self.attn_standard = attention_at(attn, "standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.attn_identity = _attn(attn, "identity", out_channels)
+        self.attn_identity = attention_at(attn, "identity", out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.attn_post = _attn(attn, "post", out_channels)
+        self.attn_post = attention_at(attn, "post", out_channels)
 
     def last_bn(self) -> nn.BatchNorm2d:
         """The norm that closes the residual branch (zero-initialised by zero_init_residual)."""

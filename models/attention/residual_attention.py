@@ -81,8 +81,7 @@ class ResidualAttention(nn.Module):
             if level < depth:
                 y = F.interpolate(y, size=sizes[level], mode="bilinear", align_corners=False)
             if level > 0:
-                skip = skips[level - 1]
-                y = y + (skip if skip.shape[2:] == y.shape[2:] else F.interpolate(skip, size=y.shape[2:]))
+                y = y + skips[level - 1]  # taken after the same pool, so at this size
         return torch.sigmoid(self.head(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from timm.layers import make_divisible
 from torch import nn
 
-from models.backbones.resnet import AttnFactories, attention_at
+from models.backbones.resnet import AttnFactories, attention_at, restore_block_inits
 from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigError
 
 # The paper's Table 2 rows: expansion t, output channels c, repeats n, first stride s.
@@ -124,9 +124,7 @@ class MobileNetV2(nn.Module):
             elif isinstance(m, nn.Linear) and m is self.fc:
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if m is not self and hasattr(m, "init_weights"):
-                m.init_weights()
+        restore_block_inits(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> (B, num_features, H/r, W/r)."""

@@ -33,6 +33,13 @@ def _spatial_conv(attn: AttnFactories, in_channels: int, out_channels: int, stri
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
+def restore_block_inits(model: nn.Module) -> None:
+    """After a backbone's init loop: blocks whose paper fixes an init (zero gamma, zero last conv) redo it."""
+    for m in model.modules():
+        if m is not model and hasattr(m, "init_weights"):
+            m.init_weights()
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a shortcut; attention at the role positions given in ``attn``."""
 
@@ -236,10 +243,7 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn().weight)
-        # Attention blocks whose paper fixes an init (zero gamma, zero last conv) restore it here.
-        for m in self.modules():
-            if m is not self and hasattr(m, "init_weights"):
-                m.init_weights()
+        restore_block_inits(self)
 
     def stages(self) -> list[nn.Sequential]:
         """The stages in order; stage s (1-based) is ``stages()[s - 1]``."""

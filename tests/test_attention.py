@@ -236,7 +236,27 @@ def test_outlook_attention_matches_timms_volo(stride):
     theirs = TimmOutlookAttention(64, num_heads=2, kernel_size=3, padding=1, stride=stride)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 7, 9, 64)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-4, atol=1e-5)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_outlook_attention_keeps_no_unfolded_values_for_backward():
+    """Only tensors of at most the values' size or the K^2 x K^2 weights' size survive the forward pass."""
+    attention = OutlookAttention(32, heads=2, stride=1)
+    x = torch.randn(2, 6, 6, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        attention(x)
+    weights = 2 * 2 * 36 * 81  # B, heads, L, K*K, K*K
+    values = x.numel()
+    assert max(saved) == weights
+    assert values * 9 not in saved  # the unfolded values (B, heads, L, K*K, C/heads)
 
 
 # --- faithful in detail ---------------------------------------------------------------------------

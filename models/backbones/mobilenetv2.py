@@ -29,12 +29,49 @@ def conv_bn_relu6(in_channels: int, out_channels: int, kernel: int = 1, stride: 
     )
 
 
+def init_mobile_weights(model: nn.Module, classifier: nn.Linear) -> None:
+    """torchvision's MobileNetV2 init (also the MobileNeXt code's), then blocks' own paper inits.
+
+    Kaiming-normal (fan_out) convs, unit norms, N(0, 0.01) classifier; attention blocks' linear
+    layers keep PyTorch's default init unless the block defines ``init_weights``.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(classifier.weight, 0, 0.01)
+    nn.init.zeros_(classifier.bias)
+    restore_block_inits(model)
+
+
+class PooledClassifier(nn.Module):
+    """The head of the mobile networks: pool -> dropout -> ``fc`` on ``forward_features``' map."""
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features: (B, C, h, w) -> pooled (B, C) when ``pre_logits``, else logits (B, num_classes)."""
+        pooled = torch.flatten(self.pool(features), 1)
+        return pooled if pre_logits else self.fc(self.dropout(pooled))
+
+    def feature_map(self, features: torch.Tensor) -> torch.Tensor:
+        """``forward_features``' output as a (B, C, h, w) map (already one for CNNs)."""
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+
 class InvertedResidual(nn.Module):
     """1x1 expand (if t > 1) -> 3x3 depthwise -> 1x1 linear projection, with a shortcut when shapes allow.
 
     Positions: ``pre``, ``after_spatial`` (after the depthwise conv's ReLU6), ``replace_spatial``
-    (the depthwise conv), ``standard`` (after the projection's BN), ``identity`` and ``post`` (only on
-    units with a shortcut; MobileNetV2 has no activation after the add).
+    (the depthwise conv), ``standard`` (after the projection's BN), ``identity`` (only on units with a
+    shortcut), ``post`` (the unit's output: after the add where there is one; MobileNetV2 has no
+    activation after it).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int,
@@ -55,7 +92,7 @@ class InvertedResidual(nn.Module):
         self.attn_standard = attention_at(attn, "standard", out_channels)
         shortcut_attn = attn if self.use_shortcut else {}
         self.attn_identity = attention_at(shortcut_attn, "identity", out_channels)
-        self.attn_post = attention_at(shortcut_attn, "post", out_channels)
+        self.attn_post = attention_at(attn, "post", out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
@@ -63,11 +100,11 @@ class InvertedResidual(nn.Module):
         out = self.attn_after_spatial(self.depthwise(self.expand(out)))
         out = self.attn_standard(self.project(out))
         if self.use_shortcut:
-            out = self.attn_post(out + self.attn_identity(x))
-        return out
+            out = out + self.attn_identity(x)
+        return self.attn_post(out)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(PooledClassifier):
     """Stem conv -> seven inverted-residual stages -> 1x1 conv -> pool -> dropout -> linear.
 
     Args:
@@ -113,18 +150,7 @@ class MobileNetV2(nn.Module):
 
     def _init_weights(self) -> None:
         """torchvision's MobileNetV2 init; blocks with a paper-specific init apply their own after."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear) and m is self.fc:
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-        restore_block_inits(self)
+        init_mobile_weights(self, self.fc)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> (B, num_features, H/r, W/r)."""
@@ -132,10 +158,6 @@ class MobileNetV2(nn.Module):
         for stage in self.stages:
             x = stage(x)
         return self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> logits (B, num_classes)."""
-        return self.fc(self.dropout(torch.flatten(self.pool(self.forward_features(x)), 1)))
 
 
 def mobilenetv2(num_classes: int = 1000, attention: Sequence[AttentionSpec] = (), width_mult: float = 1.0,

@@ -257,9 +257,18 @@ class ResNet(nn.Module):
             x = stage(x)
         return x
 
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features: (B, C, h, w) -> pooled (B, C) when ``pre_logits``, else logits (B, num_classes)."""
+        pooled = torch.flatten(self.avgpool(features), 1)
+        return pooled if pre_logits else self.fc(pooled)
+
+    def feature_map(self, features: torch.Tensor) -> torch.Tensor:
+        """``forward_features``' output as a (B, C, h, w) map (already one for CNNs)."""
+        return features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> logits (B, num_classes)."""
-        return self.fc(torch.flatten(self.avgpool(self.forward_features(x)), 1))
+        return self.forward_head(self.forward_features(x))
 
 
 _IMAGENET = {

@@ -115,7 +115,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         model = torch.compile(model)
     eval_model = model
     if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=getattr(raw_model, "has_unused_parameters", False))
     optimizer = build_optimizer(raw_model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, tcfg.epochs, len(train_loader))
     ema = ModelEmaV3(raw_model, decay=tcfg.ema_decay) if tcfg.ema else None
@@ -140,6 +141,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         write_json(run_dir / "metrics.json", metrics)  # "running" from the start, for anyone watching
     try:
         if tcfg.eval_only:
+            _set_epoch(raw_model, ema, tcfg.epochs, tcfg.epochs)
             result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
             metrics.update(_epoch_metrics(result, ema and evaluate(ema.module, val_loader, precision)))
             metrics.update(status="completed", epoch=state["epoch"], best_top1_err=metrics["top1_err"])
@@ -151,6 +153,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             scheduler.step_update((start_epoch - 1) * steps_per_epoch)  # the lr of the next step
         for epoch in range(start_epoch, tcfg.epochs + 1):
             reseed_train_loader(train_loader, cfg.seed, epoch)
+            _set_epoch(raw_model, ema, epoch, tcfg.epochs)
             stats = train_one_epoch(
                 model, criterion, train_loader, optimizer, precision, epoch,
                 start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
@@ -189,6 +192,15 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if writer is not None:
             writer.close()
         cleanup()
+
+
+def _set_epoch(model: nn.Module, ema: ModelEmaV3 | None, epoch: int, epochs: int) -> None:
+    """Tell a model trained in stages (AG-CNN) which epoch this is; its EMA copy too."""
+    for m in (model, ema.module if ema else None):
+        if m is not None and hasattr(m, "set_epoch"):
+            stage = m.set_epoch(epoch, epochs)
+            if m is model:
+                log.info("epoch %d: training stage '%s'", epoch, stage)
 
 
 def _build_checked_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, int]]:

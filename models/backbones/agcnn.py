@@ -1,0 +1,161 @@
+"""AG-CNN: attention-guided hard attention around any backbone.
+
+Paper: "Diagnose like a Radiologist: Attention Guided Convolutional Neural Network for Thorax
+Disease Classification", Guan, Huang, Zhong, Zheng, Zheng, Yang, 2018. https://arxiv.org/abs/1801.09927
+
+A global branch (the backbone) sees the whole image. Its last feature map gives a heat map
+H(x, y) = max_k |f_k(x, y)|, upsampled to the image and normalised to [0, 1] per image; the mask
+H > tau (0.7) keeps its largest connected region, whose bounding box is cropped from the input and
+resized to the input size. A local branch (a second backbone) classifies the crop, and a fusion branch
+(a linear layer) classifies the concatenated pooled features of both. The crop is hard attention: no
+gradient flows through it.
+
+Training runs in the paper's three stages: global branch, then local branch (global fixed), then the
+fusion layer (both branches fixed); ``set_epoch`` switches stage by the fractions of the run in
+``stage_fractions``. A fixed branch runs without gradient and with its norms in eval mode. Its
+parameters stay registered with DDP, which therefore needs ``find_unused_parameters``
+(``has_unused_parameters`` says so). One learning-rate schedule spans all stages, where the paper
+restarts it per stage.
+"""
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+from torchvision.ops import roi_align
+
+from models.placement import AttentionSpec, ConfigError
+
+STAGES = ("global", "local", "fusion")
+
+
+@torch.no_grad()
+def attention_boxes(feature_map: torch.Tensor, image_size: tuple[int, int], tau: float = 0.7) -> torch.Tensor:
+    """Bounding boxes (x0, y0, x1, y1) in input pixels of the largest region where the heat map exceeds tau.
+
+    Args:
+        feature_map: (B, C, h, w) last feature map of the global branch.
+        image_size: (H, W) of the input the boxes refer to.
+        tau: threshold on the heat map normalised to [0, 1]; an image with no pixel above it keeps
+            the whole image.
+    Returns:
+        (B, 4) float boxes, x1 and y1 exclusive.
+    """
+    heat = feature_map.float().abs().amax(dim=1, keepdim=True)  # B, 1, h, w
+    heat = F.interpolate(heat, size=image_size, mode="bilinear", align_corners=False)
+    low = heat.amin(dim=(2, 3), keepdim=True)
+    high = heat.amax(dim=(2, 3), keepdim=True)
+    heat = (heat - low) / (high - low).clamp_min(1e-12)
+    masks = (heat[:, 0] > tau).cpu().numpy()  # connected components run on the host
+    h, w = image_size
+    boxes = []
+    for mask in masks:
+        labels, count = ndimage.label(mask)
+        if count == 0:
+            boxes.append((0, 0, w, h))
+            continue
+        largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+        ys, xs = np.nonzero(labels == largest)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    return torch.tensor(boxes, dtype=torch.float32, device=feature_map.device)
+
+
+def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Crop each image to its box and resize it bilinearly to ``size``: (B, C, H, W) -> (B, C, *size)."""
+    index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None]
+    rois = torch.cat([index, boxes], dim=1).to(images.dtype)
+    return roi_align(images, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+class AGCNN(nn.Module):
+    """Global branch, attention-guided crop, local branch and fusion layer.
+
+    Args:
+        global_branch, local_branch: backbones with ``forward_features``, ``forward_head`` and
+            ``feature_map`` and ``num_features`` (every backbone here).
+        num_classes: classes of the fusion layer.
+        tau: heat-map threshold.
+        stage_fractions: fractions of the epochs spent in the global, local and fusion stages.
+    """
+
+    has_unused_parameters = True  # the fixed branches' parameters get no gradient
+
+    def __init__(self, global_branch: nn.Module, local_branch: nn.Module, num_classes: int, tau: float = 0.7,
+                 stage_fractions: Sequence[float] = (0.5, 0.25, 0.25)):
+        super().__init__()
+        if not 0 <= tau < 1:
+            raise ConfigError(f"model.tau={tau} must be in [0, 1)")
+        if len(stage_fractions) != 3 or any(f < 0 for f in stage_fractions) or sum(stage_fractions) <= 0:
+            raise ConfigError(f"model.stage_fractions={list(stage_fractions)} must be three non-negative "
+                              "fractions (global, local, fusion)")
+        self.global_branch = global_branch
+        self.local_branch = local_branch
+        self.fusion = nn.Linear(global_branch.num_features + local_branch.num_features, num_classes)
+        self.tau = tau
+        total = sum(stage_fractions)
+        self.stage_fractions = tuple(f / total for f in stage_fractions)
+        self.stage = "fusion"  # inference runs every branch
+
+    def set_epoch(self, epoch: int, epochs: int) -> str:
+        """Pick the training stage of 1-based ``epoch`` out of ``epochs``; returns its name."""
+        ends = np.cumsum(self.stage_fractions) * epochs
+        index = int(np.searchsorted(ends, epoch - 0.5))  # the stage whose share of the run holds this epoch
+        self.stage = STAGES[min(index, 2)]
+        self.train(self.training)  # re-apply which branches' norms are fixed
+        return self.stage
+
+    def train(self, mode: bool = True) -> "AGCNN":
+        """Train mode for the stage's trainable part only; fixed branches keep eval-mode norms."""
+        super().train(mode)
+        if mode:
+            self.global_branch.train(self.stage == "global")
+            self.local_branch.train(self.stage == "local")
+        return self
+
+    def local_input(self, x: torch.Tensor, global_features: torch.Tensor) -> torch.Tensor:
+        """The attention-guided crop of ``x`` at ``x``'s size."""
+        size = tuple(x.shape[-2:])
+        boxes = attention_boxes(self.global_branch.feature_map(global_features), size, self.tau)
+        return crop_and_resize(x, boxes, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> logits (B, num_classes) of the current stage's head."""
+        train_global = self.stage == "global"
+        with torch.set_grad_enabled(train_global and torch.is_grad_enabled()):
+            g = self.global_branch.forward_features(x)
+        if train_global:
+            return self.global_branch.forward_head(g)
+        crop = self.local_input(x, g.detach())
+        with torch.set_grad_enabled(self.stage == "local" and torch.is_grad_enabled()):
+            l_features = self.local_branch.forward_features(crop)
+        if self.stage == "local":
+            return self.local_branch.forward_head(l_features)
+        pooled = torch.cat([self.global_branch.forward_head(g, pre_logits=True),
+                            self.local_branch.forward_head(l_features, pre_logits=True)], dim=1)
+        return self.fusion(pooled)
+
+
+def agcnn(backbones: Mapping[str, Callable[..., nn.Module]], num_classes: int = 1000,
+          attention: Sequence[AttentionSpec] = (), backbone: str = "resnet50",
+          backbone_options: Mapping[str, Any] | None = None, stem: str = "imagenet", img_size: int = 224,
+          tau: float = 0.7, stage_fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> AGCNN:
+    """AG-CNN around two copies of ``backbone`` (a key of ``backbones``), each with the attention specs.
+
+    ``stem`` and ``img_size`` reach the backbone when it takes them; ``backbone_options`` holds the
+    backbone's own keys (``width_mult``, ``mixer`` ...).
+    """
+    if backbone not in backbones:
+        raise ConfigError(f"model.backbone='{backbone}' is not a backbone; valid: {', '.join(backbones)}")
+    accepted = [p for p in inspect.signature(backbones[backbone]).parameters if p not in ("num_classes", "attention")]
+    options = {k: v for k, v in (("stem", stem), ("img_size", img_size)) if k in accepted}
+    unknown = sorted(set(backbone_options or {}) - set(accepted))
+    if unknown:
+        raise ConfigError(f"model.backbone_options: {backbone} has no key(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(accepted)}")
+    options.update(backbone_options or {})
+    branches = [backbones[backbone](num_classes=num_classes, attention=attention, **options) for _ in range(2)]
+    return AGCNN(*branches, num_classes=num_classes, tau=tau, stage_fractions=stage_fractions)

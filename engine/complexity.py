@@ -20,13 +20,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one forward pass of one image of ``input_size`` (C, H, W).
 
     Counts convolutions, linear layers and matmuls (bmm, einsum, scaled_dot_product_attention), the
     papers' convention; elementwise ops, pooling and norms are not counted.
     """
+    return macs_by_module(model, input_size)[""]
+
+
+@torch.no_grad()
+def macs_by_module(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, int]:
+    """MACs of one forward pass per module name (``""`` is the whole model), as ``count_macs`` counts them."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -35,4 +40,40 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
             model(torch.zeros(1, *input_size, device=device))
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2  # FlopCounterMode counts 2 FLOPs per multiply-add
+    root = type(model).__name__
+    counts = {"": counter.get_total_flops() // 2}  # FlopCounterMode counts 2 FLOPs per multiply-add
+    for name, ops in counter.get_flop_counts().items():
+        if name.startswith(root + "."):
+            counts[name[len(root) + 1:]] = sum(ops.values()) // 2
+    return counts
+
+
+def model_parts(model: nn.Module) -> dict[str, nn.Module]:
+    """The parts a complexity table lists: AG-CNN's branches, else the backbone's stages."""
+    if hasattr(model, "global_branch"):
+        return {"global branch": model.global_branch, "local branch": model.local_branch, "fusion": model.fusion}
+    stages = model.stages if isinstance(model.stages, nn.ModuleList) else model.stages()
+    return {f"stage {s}": stage for s, stage in enumerate(stages, start=1)}
+
+
+def complexity_by_part(model: nn.Module, input_size: tuple[int, int, int]) -> list[dict[str, int | str]]:
+    """Parameters and MACs of each of ``model_parts``, then of the rest (stem, head) and the total.
+
+    Attention blocks count in the part that holds them.
+    """
+    macs = macs_by_module(model, input_size)
+    names = {module: name for name, module in model.named_modules()}
+
+    def part_macs(module: nn.Module) -> int:
+        """A module's MACs; one whose methods were called rather than itself sums its children's."""
+        name = names[module]
+        if name in macs:
+            return macs[name]
+        return sum(part_macs(child) for child in module.children())
+
+    rows = [{"part": part, "params": count_params(module), "macs": part_macs(module)}
+            for part, module in model_parts(model).items()]
+    total = {"part": "total", "params": count_params(model), "macs": macs[""]}
+    rest = {"part": "rest (stem, head)", "params": total["params"] - sum(r["params"] for r in rows),
+            "macs": total["macs"] - sum(r["macs"] for r in rows)}
+    return [*rows, rest, total]

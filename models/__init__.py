@@ -43,7 +43,15 @@ def build_model(
             f"valid keys: name, {', '.join(model_options(name))}"
         )
     specs = parse_attention_specs(attention, attention_extra)
-    return BACKBONES[name](num_classes=num_classes, attention=specs, **kwargs)
+    built = BACKBONES[name](num_classes=num_classes, attention=specs, **kwargs)
+    for spec in specs:
+        if not any(isinstance(m, spec.block) for m in built.modules()):
+            raise ConfigError(
+                f"attention '{spec.name}' (stages {list(spec.stages) if spec.stages else 'all'}, position "
+                f"{spec.position}) places no block on {name}: no unit there has that position; "
+                "choose other stages or another position"
+            )
+    return built
 
 
 __all__ = ["BACKBONES", "ConfigError", "build_model", "model_options"]

@@ -19,7 +19,7 @@ from models.attention import ATTENTION_BLOCKS
 POSITIONS = {
     "standard": "end of the residual branch, before the add",
     "pre": "on the residual branch's input (the shortcut sees the ungated input)",
-    "post": "after the add and its activation",
+    "post": "on the unit's output: after the add and its activation where it has them",
     "identity": "on the shortcut",
     "after_spatial": "after the unit's first spatial conv (with its norm and activation)",
     "replace_spatial": "replaces that spatial conv; takes in_channels, out_channels, stride",

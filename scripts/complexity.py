@@ -1,19 +1,20 @@
 """Parameters and MACs of a configured model, without data or training.
 
 Usage: python scripts/complexity.py model=resnet50 attention=se data=imagenet
-Takes train.py's overrides; the last line printed is one JSON object.
+Takes train.py's overrides. Prints parameters and MACs per stage (per branch for AG-CNN), the rest
+(stem, head) and the total, attention blocks included; the last line printed is one JSON object.
 """
 import json
 import sys
 
 from _config import compose_from_argv
 
-from engine.complexity import count_macs, count_params
+from engine.complexity import complexity_by_part
 from models import ConfigError, build_model
 
 
 def main(argv: list[str]) -> int:
-    """Print a readable line and a JSON line with the model's parameters and MACs."""
+    """Print a per-part table and a JSON line with the model's parameters and MACs."""
     cfg = compose_from_argv(argv)
     try:
         model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
@@ -21,10 +22,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = cfg.data.image_size
-    params, macs = count_params(model), count_macs(model, (3, size, size))
-    print(f"{cfg.model.name} + {cfg.attention.name}: {params:,} parameters, "
-          f"{macs / 1e9:.3f} GMACs at {size}x{size}")
-    print(json.dumps({"params": params, "macs": macs, "input_size": size}))
+    rows = complexity_by_part(model, (3, size, size))
+    print(f"{cfg.model.name} + {cfg.attention.name} at {size}x{size}")
+    print(f"{'part':<20}{'parameters':>14}{'MACs':>16}")
+    for row in rows:
+        print(f"{row['part']:<20}{row['params']:>14,}{row['macs']:>16,}")
+    total = rows[-1]
+    print(json.dumps({"params": total["params"], "macs": total["macs"], "input_size": size, "parts": rows}))
     return 0
 
 

@@ -217,6 +217,241 @@ def test_mobilenetv2_takes_attention_at_every_position(name, position):
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
-    if position in ("identity", "post"):  # only units with a shortcut have them
+    if position == "identity":  # only units with a shortcut have one
         for unit in (u for s in model.stages for u in s if not u.use_shortcut):
-            assert isinstance(getattr(unit, f"attn_{position}"), nn.Identity)
+            assert isinstance(unit.attn_identity, nn.Identity)
+    if position == "post":  # every unit's output, with or without a shortcut
+        assert all(isinstance(u.attn_post, ATTENTION_BLOCKS[name]) for s in model.stages[-2:] for u in s)
+
+
+# --- MobileNeXt ------------------------------------------------------------------------------------
+
+from timm.layers import make_divisible  # noqa: E402
+
+from models.backbones.mobilenext import SandGlass  # noqa: E402
+
+
+def official_mobilenext_params(width: float, num_classes: int = 1000) -> int:
+    """Parameters counted layer by layer from the official code's rules, independently of our module."""
+    rows = [(2, 96, 1, 2), (6, 144, 1, 1), (6, 192, 3, 2), (6, 288, 3, 2), (6, 384, 4, 1), (6, 576, 4, 2),
+            (6, 960, 3, 1), (6, 1280 / width if width < 1 else 1280, 1, 1)]
+    conv_bn = lambda cin, cout, k=1, groups=1: cin // groups * cout * k * k + 2 * cout  # noqa: E731
+    c = make_divisible(32 * width, 8)
+    total = conv_bn(3, c, 3)
+    for t, out, b, s in rows:
+        out = make_divisible(out * width, 8)
+        for i in range(b):
+            hidden = c // t if c // t >= out / 6 else make_divisible(-(-out // 6), 16)
+            first = t == 2 or c == out or (b == 1 and s == 1 and i == 0)
+            last = first or (s if i == 0 else 1) == 2
+            total += (conv_bn(c, c, 3, c) if first else 0) + conv_bn(c, hidden) + conv_bn(hidden, out)
+            total += conv_bn(out, out, 3, out) if last else 0
+            c = out
+    return total + c * num_classes + num_classes
+
+
+@pytest.mark.parametrize("width", [1.4, 1.0, 0.75, 0.5, 0.35])
+def test_mobilenext_parameters_follow_the_official_code_at_every_width(width):
+    model = build_model({"name": "mobilenext", "width_mult": width}, {"name": "none"})
+    assert count_params(model) == official_mobilenext_params(width)
+
+
+def test_mobilenext_size_at_width_1_is_the_official_3_5m_and_311m():
+    model = build_model({"name": "mobilenext"}, {"name": "none"})
+    assert round(count_params(model) / 1e6, 1) == 3.5
+    assert round(count_macs(model, (3, 224, 224)) / 1e6) == 311
+
+
+def test_sandglass_structure_follows_the_official_rules():
+    widen = SandGlass(96, 144, stride=1, expansion=6)  # changes width at stride 1: two 1x1 convs only
+    assert isinstance(widen.dw1, nn.Identity) and isinstance(widen.dw2, nn.Identity) and not widen.use_shortcut
+    down = SandGlass(144, 192, stride=2, expansion=6)  # strides: the last depthwise conv carries it
+    assert isinstance(down.dw1, nn.Identity) and down.dw2[0].stride == (2, 2)
+    same = SandGlass(192, 192, stride=1, expansion=6)
+    assert same.use_shortcut and same.dw1[0].groups == 192 and same.reduce[0].out_channels == 32
+    assert isinstance(same.dw1[2], nn.ReLU6) and len(same.dw2) == 2  # the last depthwise conv is linear
+
+
+def test_identity_tensor_multiplier_adds_the_shortcut_to_the_first_channels_only():
+    unit = SandGlass(32, 32, stride=1, expansion=2, identity_mult=0.5).eval()
+    x = torch.randn(2, 32, 6, 6)
+    branch = unit.dw2(unit.expand(unit.reduce(unit.dw1(x))))
+    diff = unit(x) - branch
+    torch.testing.assert_close(diff[:, :16], x[:, :16])
+    assert diff[:, 16:].abs().max() == 0
+
+
+def test_mobilenext_after_spatial_sits_after_the_first_depthwise_conv_else_after_the_last():
+    model = build_model({"name": "mobilenext"}, {"name": "coord"})
+    units = [u for stage in model.stages for u in stage]
+    for unit in units:
+        has_first = not isinstance(unit.dw1, nn.Identity)
+        assert isinstance(unit.attn_after_spatial, CoordAttention) == has_first
+        assert isinstance(unit.attn_after_last, CoordAttention) == (not has_first)
+    assert sum(isinstance(m, CoordAttention) for m in model.modules()) == len(units)  # every unit has one
+
+
+# --- VOLO ------------------------------------------------------------------------------------------
+
+import timm  # noqa: E402
+
+from models.backbones.volo import MIXERS, OutlookAttention  # noqa: E402
+
+
+def test_volo_d1_state_dict_loads_into_timm_and_back_with_equal_logits():
+    torch.manual_seed(0)
+    ours = build_model({"name": "volo_d1"}, {"name": "none"}).eval()
+    theirs = timm.create_model("volo_d1_224").eval()
+    x = torch.randn(2, 3, 224, 224)
+    ours.load_state_dict(theirs.state_dict())  # strict, timm -> ours
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    for p in ours.parameters():
+        p.data.normal_(0, 0.02)
+    theirs.load_state_dict(ours.state_dict())  # strict, ours -> timm
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["volo_d1", "volo_d2", "volo_d3", "volo_d4", "volo_d5"])
+def test_volo_variants_have_timms_parameters_and_names(variant):
+    with torch.device("meta"):
+        ours = build_model({"name": variant}, {"name": "none"})
+        theirs = timm.create_model(f"{variant}_224")
+    assert count_params(ours) == count_params(theirs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_volo_stage1_mixer_is_pluggable(mixer):
+    model = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32, "mixer": mixer}, {"name": "none"},
+                        num_classes=10)
+    mixers = [unit.attn for unit in model.network[0]]
+    assert all(isinstance(m, OutlookAttention) == (mixer == "outlook") for m in mixers)
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 10) and all(m.v.weight.grad is not None for m in mixers if hasattr(m, "v"))
+
+
+def test_volo_stages_are_the_papers_four_with_the_cifar_token_grids():
+    model = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "se", "stages": [1, 4]},
+                        num_classes=10)
+    assert [len(s) for s in model.stages()] == [4, 4, 8, 2]
+    gated = [i for i, s in enumerate(model.stages(), start=1) if any(isinstance(m, SqueezeExcite) for m in s.modules())]
+    assert gated == [1, 4]
+    tokens = model.forward_features(torch.randn(1, 3, 32, 32))
+    assert model.feature_map(tokens).shape == (1, 384, 8, 8)  # 32 -> 16x16 tokens -> 8x8 after the downsample
+
+
+def test_volo_resamples_its_position_embedding_for_another_input_size():
+    model = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "none"}, num_classes=10)
+    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_a_spec_that_places_no_block_is_an_error():
+    """MobileNetV2's last row is one unit without a shortcut: nothing can go on its shortcut."""
+    with pytest.raises(ConfigError, match="attention 'se'.*places no block on mobilenetv2"):
+        build_model({"name": "mobilenetv2"}, {"name": "se", "stages": [-1], "position": "identity"})
+
+
+def test_volo_refuses_a_position_it_lacks_and_an_unknown_mixer():
+    with pytest.raises(ConfigError, match="cannot go at position 'identity' on volo_d1; valid positions: "):
+        build_model({"name": "volo_d1"}, {"name": "se", "position": "identity"})
+    with pytest.raises(ConfigError, match="valid mixers: outlook, local_sa, conv, mhsa"):
+        build_model({"name": "volo_d1", "mixer": "swin"}, {"name": "none"})
+
+
+# --- AG-CNN ----------------------------------------------------------------------------------------
+
+from models.backbones.agcnn import attention_boxes, crop_and_resize  # noqa: E402
+
+
+def test_attention_box_is_the_largest_region_above_tau():
+    fmap = torch.zeros(2, 4, 8, 8)
+    fmap[0, 1, 1:3, 5:8] = -5.0  # absolute activations count: a 2x3 region
+    fmap[0, 2, 5:8, 0:4] = 4.0  # and a larger 3x4 region, slightly weaker but still above tau
+    fmap[1] = 1.0  # flat: nothing above tau after normalising -> the whole image
+    boxes = attention_boxes(fmap, (8, 8), tau=0.7)
+    assert boxes.tolist() == [[0, 5, 4, 8], [0, 0, 8, 8]]
+
+
+def test_attention_box_scales_the_heat_map_to_the_image():
+    fmap = torch.zeros(1, 1, 4, 4)
+    fmap[0, 0, 0, 0] = 1.0
+    x0, y0, x1, y1 = attention_boxes(fmap, (32, 32), tau=0.7)[0].tolist()
+    assert x0 == y0 == 0 and 0 < x1 < 16 and 0 < y1 < 16  # the top-left corner of the image
+
+
+def test_crop_and_resize_takes_the_boxed_pixels():
+    images = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    boxes = torch.tensor([[4.0, 2.0, 12.0, 10.0], [0.0, 0.0, 8.0, 8.0]])
+    crops = crop_and_resize(images, boxes, (8, 8))  # box size = output size: an exact copy
+    torch.testing.assert_close(crops[0], images[0, :, 2:10, 4:12])
+    torch.testing.assert_close(crops[1], images[1, :, 0:8, 0:8])
+    assert crop_and_resize(images, boxes, (16, 16)).shape == (2, 3, 16, 16)
+
+
+def test_agcnn_trains_in_three_stages():
+    model = build_model({"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32},
+                        {"name": "se"}, num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    parts = {"global": model.global_branch, "local": model.local_branch, "fusion": model.fusion}
+    for epoch, stage in [(1, "global"), (2, "global"), (3, "local"), (4, "fusion")]:
+        assert model.set_epoch(epoch, 4) == stage
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        for name, part in parts.items():
+            assert any(p.grad is not None for p in part.parameters()) == (name == stage), (stage, name)
+        assert model.global_branch.training == (stage == "global")  # a fixed branch keeps eval-mode norms
+        assert model.local_branch.training == (stage == "local")
+
+
+def test_agcnn_wraps_any_backbone_with_its_options():
+    model = build_model({"name": "agcnn", "backbone": "mobilenetv2", "stem": "cifar",
+                         "backbone_options": {"width_mult": 0.5}}, {"name": "coord"}, num_classes=10)
+    assert model.global_branch.stem[0].out_channels == 16  # width 0.5
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="resnet20 has no key.*width_mult.*valid keys: stem"):
+        build_model({"name": "agcnn", "backbone": "resnet20", "backbone_options": {"width_mult": 2}}, {"name": "none"})
+    with pytest.raises(ConfigError, match="model.backbone='vgg16' is not a backbone"):
+        build_model({"name": "agcnn", "backbone": "vgg16"}, {"name": "none"})
+
+
+# --- every backbone, one mechanism -----------------------------------------------------------------
+
+SMALL = {
+    "resnet20": {"name": "resnet20"},
+    "resnet50": {"name": "resnet50", "stem": "cifar"},
+    "mobilenetv2": {"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.35},
+    "mobilenext": {"name": "mobilenext", "stem": "cifar", "width_mult": 0.35},
+    "volo_d1": {"name": "volo_d1", "stem": "cifar", "img_size": 32},
+    "agcnn": {"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32},
+}
+
+
+@pytest.mark.parametrize("backbone", SMALL)
+@pytest.mark.parametrize("block", ["se", "cbam", "coord", "nonlocal", "sasa"])
+def test_every_backbone_runs_blocks_at_their_default_positions_at_32x32(backbone, block):
+    model = build_model(SMALL[backbone], {"name": block, "stages": [-2]}, num_classes=10)
+    trained = model
+    if backbone == "agcnn":  # its first training stage: the global branch
+        model.set_epoch(1, 2)
+        trained = model.global_branch
+    assert any(isinstance(m, ATTENTION_BLOCKS[block]) for m in trained.modules())
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for m in trained.modules() if isinstance(m, ATTENTION_BLOCKS[block])
+               for p in m.parameters())
+
+
+@pytest.mark.parametrize("model_cfg,block", [
+    ({"name": "mobilenetv2"}, "coord"), ({"name": "mobilenext"}, "se"), ({"name": "volo_d1"}, "eca"),
+    ({"name": "agcnn", "backbone": "resnet18"}, "cbam"), ({"name": "resnet18"}, "gc"),
+])
+def test_every_backbone_runs_one_block_at_224x224(model_cfg, block):
+    model = build_model(model_cfg, {"name": block}, num_classes=5)
+    out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
+    out.sum().backward()

@@ -417,3 +417,21 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
 def test_mobilenetv2_with_coordinate_attention_trains(quick_config, tmp_path):
     metrics = train(quick_config("model=mobilenetv2", "attention=coord", "trainer.epochs=1"), tmp_path)
     assert metrics["status"] == "completed" and metrics["params"] > 2_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,samples,epochs,learns", [
+    (("model=mobilenext", "model.width_mult=0.5", "attention=coord", "optim.lr=0.02"), 1000, 3, True),
+    (("model=volo_d1", "attention=none", "optim=adamw", "optim.lr=5e-4"), 128, 1, False),  # 1.9 GMACs a 32x32 image
+    (("model=agcnn", "model.backbone=resnet20", "model.stage_fractions=[1,1,1]", "attention=se"), 600, 3, True),
+], ids=["mobilenext", "volo_d1", "agcnn"])
+def test_new_backbones_train_on_a_slice_of_the_shared_cifar10(cifar10_root, tmp_path, overrides, samples, epochs,
+                                                               learns):
+    cfg = compose_config("data=cifar10", f"data.root={cifar10_root}", f"data.max_train_samples={samples}",
+                         "data.max_val_samples=200", "data.num_workers=1", "data.batch_size=32",
+                         f"trainer.epochs={epochs}", "trainer.progress=false", *overrides)
+    metrics = train(cfg, tmp_path)
+    assert metrics["status"] == "completed" and metrics["epoch"] == epochs
+    assert math.isfinite(metrics["train_loss"])
+    if learns:
+        assert metrics["top1_err"] < 90

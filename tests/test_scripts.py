@@ -1,9 +1,10 @@
-"""The scripts as a user runs them: complexity's JSON line."""
+"""The scripts as a user runs them: complexity's per-part table and JSON line, the benchmarks, the ablation table."""
 import json
 import subprocess
 import sys
 
 import pytest
+from torch import nn
 
 from engine.complexity import count_macs, count_params
 from models import build_model
@@ -20,8 +21,28 @@ def test_complexity_prints_the_built_models_counts_as_json():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     model = build_model({"name": "resnet50", "stem": "imagenet"}, {"name": "se"})
+    parts = result.pop("parts")
     assert result == {"params": count_params(model), "macs": count_macs(model, (3, 224, 224)), "input_size": 224}
     assert result["params"] == 28_088_024
+    stages = {p["part"]: p for p in parts}
+    assert stages["stage 4"]["params"] == count_params(model.layer4)  # the SE blocks of stage 4 included
+    assert stages["stage 1"]["macs"] == count_macs(nn.Sequential(model.layer1), (64, 56, 56))
+
+
+@pytest.mark.parametrize("overrides,names", [
+    (("model=mobilenext", "data=imagenet"), [f"stage {s}" for s in range(1, 9)]),
+    (("model=volo_d1", "data=imagenet", "attention=none"), [f"stage {s}" for s in range(1, 5)]),
+    (("model=agcnn", "model.backbone=resnet20", "data=cifar10"), ["global branch", "local branch", "fusion"]),
+], ids=["mobilenext", "volo_d1", "agcnn"])
+def test_complexity_parts_add_up_to_the_total(overrides, names):
+    proc = run_script("complexity.py", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = result["parts"]
+    assert [p["part"] for p in parts] == [*names, "rest (stem, head)", "total"]
+    assert parts[-1]["params"] == result["params"] == sum(p["params"] for p in parts[:-1])
+    assert parts[-1]["macs"] == result["macs"] == sum(p["macs"] for p in parts[:-1])
+    assert all(p["macs"] > 0 for p in parts[:len(names)])
 
 
 def test_complexity_bad_override_is_a_short_error():

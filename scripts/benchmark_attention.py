@@ -1,8 +1,10 @@
 """Forward+backward time and peak memory of every attention block against timm's equivalent.
 
 Usage: python scripts/benchmark_attention.py [--channels 256] [--sizes 56 14] [--batch 8] [--repeats 5]
+       python scripts/benchmark_attention.py --volo-stage1 [--batch 8] [--repeats 5]
 Both modules of a pair are built with matching arguments and timed alternately in one process;
-the table's ratios (ours / timm) are measured in this run. Peak memory is the most tensor bytes alive
+the table's ratios (ours / timm) are measured in this run. ``--volo-stage1`` compares VOLO-D1's
+stage 1 (four Outlookers on 28x28 tokens of width 192, as at 224x224) with timm's, weights copied. Peak memory is the most tensor bytes alive
 at once during one forward+backward: torch.cuda's counter on a GPU, a dispatch-level tracker on the CPU.
 """
 import argparse
@@ -116,6 +118,33 @@ def measure(module: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, fl
     return statistics.median(times), peak / 2**20
 
 
+def volo_stage1(batch: int, repeats: int, device: torch.device, rounds: int = 6) -> None:
+    """Our VOLO-D1 stage 1 against timm's with the same weights: time and peak memory of forward+backward."""
+    import timm
+
+    from models import build_model
+
+    torch.manual_seed(0)
+    mine = build_model({"name": "volo_d1"}, {"name": "none"}).network[0].to(device)
+    theirs = timm.create_model("volo_d1_224").network[0].to(device)
+    theirs.load_state_dict(mine.state_dict())
+    x = torch.randn(batch, 28, 28, 192, device=device, requires_grad=True)
+    torch.testing.assert_close(mine(x), theirs(x), rtol=1e-4, atol=1e-4)
+    print(f"device {device.type}, VOLO-D1 stage 1 (4 Outlookers, 28x28x192), batch {batch}, "
+          f"median of {repeats} forward+backward passes, alternating")
+    print("| round | ours ms | timm ms | time ours/timm | ours MiB | timm MiB | memory ours/timm |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    ratios = []
+    for r in range(rounds):  # alternate the order so neither side always runs first
+        pair = [(mine, "ours"), (theirs, "timm")]
+        results = dict((name, measure(m, x, repeats)) for m, name in (pair if r % 2 == 0 else pair[::-1]))
+        (t_o, m_o), (t_t, m_t) = results["ours"], results["timm"]
+        ratios.append(t_o / t_t)
+        print(f"| {r + 1} | {1e3 * t_o:.1f} | {1e3 * t_t:.1f} | {t_o / t_t:.2f} | {m_o:.3g} | {m_t:.3g} "
+              f"| {m_o / m_t:.2f} |")
+    print(f"median time ratio ours/timm over {rounds} rounds: {statistics.median(ratios):.2f}")
+
+
 def main() -> None:
     """Measure every block at each size and print one markdown table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,8 +153,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--blocks", nargs="+", default=list(ATTENTION_BLOCKS))
+    parser.add_argument("--volo-stage1", action="store_true", help="VOLO-D1 stage 1, ours against timm's")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.volo_stage1:
+        volo_stage1(args.batch, args.repeats, device)
+        return
     c = args.channels
     print(f"device {device.type}, C={c}, batch {args.batch}, median of {args.repeats} forward+backward passes")
     print("| block | size | ours ms | timm ms | time ours/timm | ours MiB | timm MiB | memory ours/timm |")

@@ -47,7 +47,8 @@ class OutlookAggregate(torch.autograd.Function):
         """Gradients of a and v; the unfolded values are rebuilt here."""
         a, v = ctx.saved_tensors
         k, padding, stride = ctx.window
-        grad_windows = _unfold_heads(grad, a.shape[1], k, padding, stride)  # unfold is fold's adjoint
+        # unfold is fold's adjoint; made contiguous once since both products read it
+        grad_windows = _unfold_heads(grad, a.shape[1], k, padding, stride).contiguous()
         grad_a = grad_windows @ _unfold_heads(v, a.shape[1], k, padding, stride).transpose(-1, -2)
         grad_v = _fold_heads(a.transpose(-1, -2) @ grad_windows, v.shape[-2:], k, padding, stride)
         return grad_a, grad_v, None, None, None

@@ -431,8 +431,8 @@ SMALL = {
 
 
 @pytest.mark.parametrize("backbone", SMALL)
-@pytest.mark.parametrize("block", ["se", "cbam", "coord", "nonlocal", "sasa"])
-def test_every_backbone_runs_blocks_at_their_default_positions_at_32x32(backbone, block):
+@pytest.mark.parametrize("block", list(ATTENTION_BLOCKS))
+def test_every_backbone_runs_every_block_at_its_default_position_at_32x32(backbone, block):
     model = build_model(SMALL[backbone], {"name": block, "stages": [-2]}, num_classes=10)
     trained = model
     if backbone == "agcnn":  # its first training stage: the global branch

@@ -75,6 +75,7 @@ class TrainerConfig:
     ema: bool = False
     ema_decay: float = 0.9998
     log_interval: int = 20  # steps between progress-bar and TensorBoard updates
+    attention_maps: int = 0  # val images whose attention maps go to TensorBoard after each evaluation
     resume: Optional[str] = None  # checkpoint path; a run dir with checkpoints/last.pt resumes by itself
     eval_only: bool = False
     deterministic: bool = False

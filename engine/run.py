@@ -24,6 +24,7 @@ from engine.metrics import write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import log_hparams
 from engine.trainer import build_precision, evaluate, train_one_epoch
+from engine.visualize import log_attention_images
 from models import build_model
 from models.placement import ConfigError
 
@@ -174,6 +175,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                      result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
             if main:
                 _log_evaluation(writer, result, ema_result, epoch * steps_per_epoch)
+                if tcfg.attention_maps:
+                    _log_attention_maps(writer, raw_model, val_loader, cfg.data, tcfg.attention_maps,
+                                        epoch * steps_per_epoch)
                 state = {
                     "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None,
                     "optimizer": optimizer.state_dict(),
@@ -252,6 +256,16 @@ def _log_evaluation(writer: SummaryWriter, result: dict, ema_result: dict | None
     writer.add_scalar("val/loss", result["loss"], step)
     if ema_result:
         writer.add_scalar("val/ema_top1_err", ema_result["top1_err"], step)
+
+
+def _log_attention_maps(writer: SummaryWriter, model: nn.Module, val_loader, data_cfg, count: int,
+                        step: int) -> None:
+    """The first ``count`` val images' attention maps and Grad-CAM, as TensorBoard images."""
+    images = next(iter(val_loader))[0][:count]
+    device = next(model.parameters()).device
+    mean = torch.tensor(data_cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)
+    log_attention_images(writer, model, images.to(device), (images * std + mean).clamp(0, 1), step)
 
 
 def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None) -> dict[str, float]:

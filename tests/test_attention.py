@@ -424,3 +424,50 @@ def test_triplet_attention_has_three_7x7_gates_and_averages_them():
         torch.nn.init.zeros_(gate.bn.bias)
     x = torch.randn(2, 16, 6, 5)
     torch.testing.assert_close(block.eval()(x), x * 0.5)  # every gate is sigmoid(0)
+
+
+# --- what the blocks attend to (models/attention/maps.py) ------------------------------------------
+
+from models.attention.maps import attention_maps  # noqa: E402
+
+
+def test_channel_and_spatial_gates_are_the_ones_the_blocks_apply():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 6, 7)
+    for block in (SqueezeExcite(32, 4), ATTENTION_BLOCKS["eca"](32)):
+        gate = attention_maps(block, x)["channel gate"][1]
+        torch.testing.assert_close(block(x), x * gate[:, :, None, None])
+    cbam = ATTENTION_BLOCKS["cbam"](32, 4).eval()
+    maps = attention_maps(cbam, x)
+    expected = x * maps["channel gate"][1][:, :, None, None] * maps["spatial gate"][1][:, None]
+    torch.testing.assert_close(cbam(x), expected)
+
+
+def test_non_local_query_map_is_the_row_of_its_attention_matrix():
+    torch.manual_seed(0)
+    block = ATTENTION_BLOCKS["nonlocal"](16)
+    x = torch.randn(1, 16, 5, 6)
+    weights = attention_maps(block, x, query=(0.5, 0.5))["query attention"][1]  # row 2, column 3
+    theta, phi = block.theta(x).flatten(2)[0], block.phi(x).flatten(2)[0]  # C', N
+    full = torch.softmax(theta.t() @ phi * block.scale, dim=1)  # N x N, built independently
+    torch.testing.assert_close(weights.flatten(), full[2 * 6 + 3])
+
+
+@pytest.mark.parametrize("name", ["criss_cross", "danet", "mhsa", "sasa", "outlook", "nonlocal"])
+def test_query_maps_are_distributions_where_the_block_looks(name):
+    torch.manual_seed(0)
+    cls = ATTENTION_BLOCKS[name]
+    block = cls(32, 32, 1) if "replace_spatial" in cls.positions else cls(32)
+    x = torch.randn(2, 32, 9, 9)
+    (kind, weights), = attention_maps(block.eval(), x, query=(0.5, 0.5)).values()  # row 4, column 4
+    assert kind == "query" and weights.shape == (2, 9, 9) and (weights >= 0).all()
+    torch.testing.assert_close(weights.sum((1, 2)), torch.ones(2))
+    rows, cols = (weights[0] > 0).nonzero(as_tuple=True)
+    if name == "criss_cross":  # its row and its column only
+        assert ((rows == 4) | (cols == 4)).all()
+    if name in ("sasa", "outlook"):  # a 7x7 (SASA) or 3x3 (outlook) window holding the query
+        k = 7 if name == "sasa" else 3
+        assert rows.max() - rows.min() < k and cols.max() - cols.min() < k
+        assert rows.min() <= 4 <= rows.max() and cols.min() <= 4 <= cols.max()
+    else:
+        assert len(rows) > 9  # beyond any local window

@@ -435,3 +435,16 @@ def test_new_backbones_train_on_a_slice_of_the_shared_cifar10(cifar10_root, tmp_
     assert math.isfinite(metrics["train_loss"])
     if learns:
         assert metrics["top1_err"] < 90
+
+
+def test_evaluation_logs_attention_maps_to_tensorboard(quick_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(quick_config("attention=cbam", "trainer.epochs=1", "trainer.attention_maps=2",
+                       "data.max_train_samples=64"), tmp_path)
+    events = EventAccumulator(str(next((tmp_path / "tensorboard").glob("events*"))), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert "attention/image1/gradcam" in tags
+    assert "attention/image0/layer3.2.attn_standard/spatial gate" in tags
+    assert len([t for t in tags if t.endswith("channel gate")]) == 2 * 9  # nine CBAM units, two images

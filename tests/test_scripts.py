@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from torch import nn
@@ -120,3 +121,69 @@ def test_ablation_table_of_a_real_two_point_sweep(tmp_path):
         metrics = json.loads((run / "metrics.json").read_text())
         reduction = yaml.safe_load((run / "config.yaml").read_text())["attention"]["reduction"]
         assert any(r.startswith(f"| {reduction} | {metrics['top1_err']:.2f} |") for r in rows[1:])
+
+
+@pytest.mark.parametrize("attention,maps", [
+    ("cbam", {"channel_gate", "spatial_gate"}),  # a channel strip and a spatial mask
+    ("coord", {"a_h_x_a_w"}),
+    ("nonlocal", {"query_attention"}),  # the query position's weights
+    ("stn", {"sampling_grid"}),
+])
+def test_visualize_attention_writes_a_png_of_the_images_size_per_map(tmp_path, attention, maps):
+    from PIL import Image
+
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (45, 30), (200, 100, 50)).save(image)
+    proc = run_script("visualize_attention.py", f"attention={attention}", f"out={tmp_path / 'vis'}",
+                      f"images=[{image}]", "query=[0.25,0.75]")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    files = [Path(f) for f in result["files"]]
+    assert {f.stem.split("__")[-1] for f in files if "__" in f.stem} == maps
+    assert any(f.name == "gradcam.png" for f in files)
+    for f in files:
+        assert f.parent.name == "cat" and Image.open(f).size == (32, 32)  # digits' input size
+
+
+def test_visualize_attention_reads_a_checkpoints_model(tmp_path, quick_config):
+    from engine.run import train
+
+    train(quick_config("attention=eca", "trainer.epochs=1", "data.max_train_samples=64"), tmp_path / "run")
+    proc = run_script("visualize_attention.py", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
+                      "num_images=2", f"out={tmp_path / 'vis'}", "gradcam=false")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["blocks"]) == 9 and len(result["files"]) == 2 * 9  # nine ECA units, two val images
+    bad = run_script("visualize_attention.py", f"checkpoint={tmp_path / 'missing.pt'}")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "missing.pt" in bad.stderr
+
+
+def test_excitation_analysis_means_per_class_match_the_gates(tmp_path):
+    """The CSV's per-class means equal the SE gates' outputs averaged by hand over the same images."""
+    import csv
+
+    import torch
+
+    from data import build_datasets
+    from tests.conftest import compose_config
+
+    proc = run_script("excitation_analysis.py", "attention=se", "blocks=[[1,1],[3,3]]", "max_images=60",
+                      f"out={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "excitation.csv")))
+    assert {r["block"] for r in rows} == {"stage1_unit1", "stage3_unit3"}
+    assert (tmp_path / "excitation.png").stat().st_size > 0
+    torch.manual_seed(0)
+    cfg = compose_config("attention=se")
+    model = build_model(cfg.model, cfg.attention, num_classes=10).eval()
+    gates = []
+    model.layer3[2].attn_standard.gate.register_forward_hook(lambda m, i, o: gates.append(o.flatten(1)))
+    val = build_datasets(cfg.data, seed=cfg.seed)[1]
+    images = torch.stack([val[i][0] for i in range(60)])
+    labels = torch.tensor([val[i][1] for i in range(60)])
+    with torch.no_grad():
+        model(images)
+    for k in labels.unique().tolist()[:3]:
+        expected = gates[0][labels == k].mean(0)
+        got = [float(r["mean_excitation"]) for r in rows if r["block"] == "stage3_unit3" and r["class"] == str(k)]
+        torch.testing.assert_close(torch.tensor(got), expected, atol=1e-5, rtol=1e-4)

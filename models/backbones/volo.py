@@ -279,7 +279,8 @@ class VOLO(nn.Module):
             network.append(nn.Sequential(*units))
             if s == 1:
                 network.append(Downsample(dim, embed_dims[1]))
-        self.network = nn.ModuleList(network)  # [stage 1, downsample, stage 2, stage 3, stage 4], timm's indices
+        self.network = nn.ModuleList(network)
+        self.token_map = nn.Identity()  # the last stage's tokens as a feature map, for Grad-CAM  # [stage 1, downsample, stage 2, stage 3, stage 4], timm's indices
         self.num_features = embed_dims[-1]
         self.post_network = nn.ModuleList([ClassBlock(self.num_features, num_heads[-1], mlp_ratio, qkv_bias)
                                            for _ in range(2)])
@@ -314,6 +315,7 @@ class VOLO(nn.Module):
         x = x + pos
         for stage in self.network[2:]:
             x = stage(x)
+        x = self.token_map(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # a (B, C, h, w) hook point for Grad-CAM
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1)  # B, 1 + N, C
         for block in self.post_network:
             x = block(x)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from engine.complexity import count_params
 from models import ConfigError, build_model
 from models.attention import SqueezeExcite
 from tests.conftest import CONFIG_DIR, compose_config
@@ -89,3 +90,14 @@ def test_typo_inside_a_yaml_file_is_an_error(tmp_path: Path):
 def test_wrong_type_is_an_error():
     with pytest.raises(ConfigCompositionException):
         compose_config("trainer.epochs=many")
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_starts_with_its_command_and_builds(experiment):
+    lines = (CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"  # Hydra reads the package only from the first lines
+    assert "train.py" in lines[1] and f"experiment={experiment}" in lines[1]
+    cfg = compose_config(f"experiment={experiment}", "data.root=/data")
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    assert count_params(net) > 0 and cfg.trainer.epochs >= 90  # a full paper schedule, not a smoke test

@@ -103,10 +103,12 @@ def test_ablation_table_aggregates_seeds_and_lists_failed_runs_apart(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_table_of_a_real_two_point_sweep(tmp_path):
+@pytest.mark.parametrize("launcher", [(), ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")],
+                         ids=["basic", "joblib"])
+def test_ablation_table_of_a_real_two_point_sweep(tmp_path, launcher):
     from tests.conftest import run_cli
 
-    sweep = run_cli("-m", "attention.reduction=4,8", f"hydra.sweep.dir={tmp_path}", "trainer.epochs=1",
+    sweep = run_cli("-m", *launcher, "attention.reduction=4,8", f"hydra.sweep.dir={tmp_path}", "trainer.epochs=1",
                     "data.max_train_samples=64", "data.max_val_samples=30", "trainer.progress=false")
     assert sweep.returncode == 0, sweep.stderr
     proc = run_script("ablation_table.py", str(tmp_path))

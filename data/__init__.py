@@ -7,11 +7,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from data.digits import DigitsDataset
 from data.errors import DataError
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
+from data.multilabel import MultiLabelCSV
 from data.samplers import ShardSampler, balanced_indices
 from data.transforms import cifar_transform, digits_transform, imagenet_transform
 from engine.config import DataConfig
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder", "multilabel_csv")
 
 
 def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
@@ -31,6 +32,10 @@ def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
         return torchvision_cifar(cfg.name, root, train, cfg.download, transform)
     if not root.is_dir():
         raise DataError(f"data.root={root} does not exist; point it at a folder with train/ and val/")
+    if cfg.name == "multilabel_csv":
+        if not cfg.classes:
+            raise DataError("data=multilabel_csv needs data.classes=[name, ...] (the label vocabulary)")
+        return MultiLabelCSV(root, split, cfg.classes, imagenet_transform(cfg, train))
     return image_folder(root, split, imagenet_transform(cfg, train))
 
 

@@ -225,7 +225,13 @@ def _build_checked_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, int]]:
 
 
 def _build_criterion(data_cfg) -> tuple[nn.Module, Mixup | None]:
-    """Soft-target cross-entropy with timm's mixup/cutmix, or cross-entropy with label smoothing."""
+    """Soft-target cross-entropy with timm's mixup/cutmix, cross-entropy with label smoothing, or
+    binary cross-entropy for multi-label data."""
+    if data_cfg.multi_label:
+        if data_cfg.mixup > 0 or data_cfg.cutmix > 0 or data_cfg.label_smoothing > 0:
+            raise ConfigError("data.multi_label=true takes no data.mixup, data.cutmix or data.label_smoothing; "
+                              "set them to 0")
+        return nn.BCEWithLogitsLoss(), None
     if data_cfg.mixup > 0 or data_cfg.cutmix > 0:
         mixup = Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix,
                       label_smoothing=data_cfg.label_smoothing, num_classes=data_cfg.num_classes)

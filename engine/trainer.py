@@ -123,14 +123,18 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module, loader: DataLoader, precision: Precision, channels_last: bool = False
 ) -> dict[str, float]:
-    """Top-1 / top-5 error (percent) and mean cross-entropy over every sample of ``loader``.
+    """Top-1 / top-5 error (percent) and mean loss over every sample of ``loader``.
 
-    Sums are reduced across processes, so with a non-padding sampler each image counts once.
+    Single-label targets (class indices): cross-entropy; an image is a top-k error when its class is
+    not among the k highest logits. Multi-hot targets: binary cross-entropy; top-k error is the
+    multi-label one-error, an image whose k highest logits hold none of its labels, over the images
+    with at least one label. Sums are reduced across processes, so with a non-padding sampler each
+    image counts once.
     """
     model.eval()
     device = precision.device
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, n
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, scored, n
     start = time.perf_counter()
     for x, y in loader:
         x = x.to(device, non_blocking=True, memory_format=memory_format)
@@ -138,15 +142,22 @@ def evaluate(
         with precision.autocast():
             logits = model(x)
         logits = logits.float()
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        if y.dim() == 2:  # multi-hot
+            loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).sum()
+            hits = y.gather(1, top) > 0
+            scored = (y > 0).any(1).sum()
+        else:
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            hits = top.eq(y[:, None])
+            scored = torch.tensor(len(y), device=device)
         totals += torch.stack([
-            F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum(),
-            torch.tensor(len(y), device=device),
+            loss, hits[:, 0].sum(), hits.any(1).sum(), scored, torch.tensor(len(y), device=device),
         ]).double()
     elapsed = time.perf_counter() - start
-    loss, top1, top5, n = all_reduce_sum(totals).tolist()
-    n = max(n, 1)
+    loss, top1, top5, scored, n = all_reduce_sum(totals).tolist()
+    n, scored = max(n, 1), max(scored, 1)
     return {
-        "top1_err": 100.0 * (1 - top1 / n), "top5_err": 100.0 * (1 - top5 / n), "loss": loss / n,
+        "top1_err": 100.0 * (1 - top1 / scored), "top5_err": 100.0 * (1 - top5 / scored), "loss": loss / n,
         "images_per_s": n / elapsed, "count": int(n),
     }

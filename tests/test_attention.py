@@ -471,3 +471,19 @@ def test_query_maps_are_distributions_where_the_block_looks(name):
         assert rows.min() <= 4 <= rows.max() and cols.min() <= 4 <= cols.max()
     else:
         assert len(rows) > 9  # beyond any local window
+
+
+@pytest.mark.parametrize("name", [n for n in ATTENTION_BLOCKS if n not in ("simam", "triplet")])
+def test_every_probed_block_renders_maps_of_the_images_size(name):
+    from engine.visualize import render_attention
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet20"}, {"name": name, "stages": [-1]}, num_classes=10).eval()
+    display = torch.rand(2, 3, 32, 32)
+    rendered = render_attention(model, (display - 0.5) / 0.5, display, query=(0.3, 0.7))
+    assert rendered[0] and rendered[0].keys() == rendered[1].keys()
+    for per_image in rendered:
+        for key, array in per_image.items():
+            assert array.shape == (32, 32, 3) and array.dtype.name == "uint8", key
+            assert array.std() > 0, key  # not a blank image

@@ -448,3 +448,71 @@ def test_evaluation_logs_attention_maps_to_tensorboard(quick_config, tmp_path):
     assert "attention/image1/gradcam" in tags
     assert "attention/image0/layer3.2.attn_standard/spatial gate" in tags
     assert len([t for t in tags if t.endswith("channel gate")]) == 2 * 9  # nine CBAM units, two images
+
+
+# --- multi-label data (AG-CNN's setting) -----------------------------------------------------------
+
+def test_multilabel_evaluation_is_one_error_and_binary_cross_entropy():
+    from engine.trainer import build_precision, evaluate
+
+    logits = torch.tensor([[3.0, 2.0, 1.0], [0.0, 5.0, 1.0], [1.0, 2.0, 3.0], [0.0, 0.0, 9.0]])
+    targets = torch.tensor([[1.0, 0, 0], [1.0, 0, 1], [0, 0, 0], [0, 1.0, 0]])
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits[x.long().flatten()]
+
+    loader = [(torch.arange(4.0)[:, None], targets)]
+    result = evaluate(Fixed(), loader, build_precision("none", torch.device("cpu")))
+    # image 2 has no label: not scored. Top-1: image 0 hit, 1 miss (class 1), 3 miss (class 2) -> 2/3 err
+    assert result["top1_err"] == pytest.approx(100 * 2 / 3)
+    assert result["top5_err"] == pytest.approx(0.0)  # with 3 classes every label is in the top 5
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert result["loss"] == pytest.approx(bce.item(), rel=1e-6)
+
+
+def write_multilabel_set(root: Path, per_split: dict[str, int]) -> None:
+    """Images whose labels are the colour channels they light up: red, green, blue or none."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    (root / "img").mkdir(parents=True)
+    for split, n in per_split.items():
+        rows = ["image,labels"]
+        for i in range(n):
+            on = torch.rand(3, generator=rng) > 0.5
+            pixels = (on.float()[None, None] * 200 + torch.rand(32, 32, 3, generator=rng) * 55).byte().numpy()
+            name = f"img/{split}{i}.png"
+            Image.fromarray(pixels).save(root / name)
+            rows.append(f"{name},{'|'.join(c for c, o in zip(('red', 'green', 'blue'), on) if o)}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.slow
+def test_agcnn_trains_on_multilabel_data_with_binary_cross_entropy(tmp_path):
+    write_multilabel_set(tmp_path / "data", {"train": 96, "val": 32})
+    cfg = compose_config("model=agcnn", "model.backbone=resnet20", "model.stage_fractions=[2,1,1]",
+                         "attention=se", "data=multilabel_csv", f"data.root={tmp_path / 'data'}",
+                         "data.classes=[red,green,blue]", "data.num_classes=3", "data.image_size=32",
+                         "data.stem=cifar", "data.batch_size=16", "data.num_workers=0", "trainer.epochs=4",
+                         "trainer.progress=false")
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["status"] == "completed" and math.isfinite(metrics["val_loss"])
+    assert metrics["top1_err"] < 50  # the colours are easy: most images' top class is one of theirs
+
+
+def test_multilabel_csv_names_a_missing_file_and_unknown_labels(tmp_path):
+    from data import build_datasets
+    from data.errors import DataError
+
+    cfg = compose_config("data=multilabel_csv", f"data.root={tmp_path}", "data.classes=[a,b]", "data.num_classes=2")
+    with pytest.raises(DataError, match="train.csv does not exist"):
+        build_datasets(cfg.data)
+    (tmp_path / "train.csv").write_text("image,labels\nx.png,a|c\n")
+    (tmp_path / "val.csv").write_text("image,labels\n")
+    with pytest.raises(DataError, match=r"train.csv:2: unknown label\(s\) c; data.classes lists a, b"):
+        build_datasets(cfg.data)
+    (tmp_path / "train.csv").write_text("image,labels\nx.png,a|b\n")
+    with pytest.raises(ConfigError, match="multi_label=true takes no data.mixup"):
+        train(compose_config("data=multilabel_csv", f"data.root={tmp_path}", "data.classes=[a,b]",
+                             "data.num_classes=2", "data.mixup=0.2"), tmp_path / "run")

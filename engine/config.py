@@ -51,6 +51,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     no_decay_norm_bias: bool = False  # exclude norm and bias parameters from weight decay
     clip_grad: Optional[float] = None  # max global grad norm
+    lr_reference_batch: Optional[int] = None  # linear scaling rule: lr x global batch / this (e.g. 256)
 
 
 @dataclass

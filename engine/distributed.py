@@ -6,7 +6,11 @@ import torch.distributed as dist
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group when launched by torchrun; returns (rank, world_size)."""
+    """Join the process group when launched by torchrun or as several SLURM tasks; returns (rank, world_size)."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SUBMITIT_FOLDER" in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return get_rank(), get_world_size()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -29,6 +33,15 @@ def get_world_size() -> int:
 def is_main_process() -> bool:
     """True on the rank that logs and writes files."""
     return get_rank() == 0
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a picklable value, e.g. the run directory)."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,23 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = {"cosine": "cosine", "step": "multistep", "none": None}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, optional Nesterov) or AdamW; optionally no weight decay on norms and biases."""
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """``optim.lr``, times global_batch / ``optim.lr_reference_batch`` when that is set (Goyal et al. 2017)."""
+    return cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_reference_batch else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW; optionally no weight decay on norms and biases.
+
+    ``global_batch`` (batch size x processes) applies the linear scaling rule when
+    ``optim.lr_reference_batch`` is set.
+    """
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optim: unknown optimizer '{cfg.name}'; valid names: {', '.join(OPTIMIZERS)}")
     extra = {"nesterov": cfg.nesterov} if cfg.name == "sgd" else {"betas": tuple(cfg.betas)}
+    lr = scaled_lr(cfg, global_batch) if global_batch else cfg.lr
     return create_optimizer_v2(
-        model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        model, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
         filter_bias_and_bn=cfg.no_decay_norm_bias, **extra,
     )
 

@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data import build_datasets, build_loaders, reseed_train_loader
 from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.complexity import count_macs, count_params
-from engine.distributed import cleanup, init_distributed
+from engine.distributed import broadcast_object, cleanup, init_distributed
 from engine.metrics import write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import log_hparams
@@ -92,6 +92,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     precision = build_precision(tcfg.amp, device)
     rank, world_size = init_distributed(device)
     main = rank == 0
+    # Hydra computes ${now:...} in every process: all ranks write to rank 0's directory
+    run_dir = Path(broadcast_object(str(run_dir)))
     if not main:
         logging.getLogger().setLevel(logging.WARNING)
     seed_everything(cfg.seed + rank, tcfg.deterministic)
@@ -118,7 +120,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=getattr(raw_model, "has_unused_parameters", False))
-    optimizer = build_optimizer(raw_model, cfg.optim)
+    optimizer = build_optimizer(raw_model, cfg.optim, global_batch=cfg.data.batch_size * world_size)
+    if cfg.optim.lr_reference_batch:
+        log.info("lr %g: %g x global batch %d / %d", optimizer.param_groups[0]["lr"], cfg.optim.lr,
+                 cfg.data.batch_size * world_size, cfg.optim.lr_reference_batch)
     scheduler = build_scheduler(optimizer, cfg.sched, tcfg.epochs, len(train_loader))
     ema = ModelEmaV3(raw_model, decay=tcfg.ema_decay) if tcfg.ema else None
 
@@ -277,7 +282,7 @@ def _log_attention_maps(writer: SummaryWriter, model: nn.Module, val_loader, dat
 def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None) -> dict[str, float]:
     """The metrics.json fields of one evaluation (and of the EMA weights' evaluation)."""
     out = {"top1_err": result["top1_err"], "top5_err": result["top5_err"], "val_loss": result["loss"],
-           "eval_images_per_s": result["images_per_s"]}
+           "val_images": result["count"], "eval_images_per_s": result["images_per_s"]}
     if ema_result:
         out.update(ema_top1_err=ema_result["top1_err"], ema_top5_err=ema_result["top5_err"])
     return out

@@ -516,3 +516,13 @@ def test_multilabel_csv_names_a_missing_file_and_unknown_labels(tmp_path):
     with pytest.raises(ConfigError, match="multi_label=true takes no data.mixup"):
         train(compose_config("data=multilabel_csv", f"data.root={tmp_path}", "data.classes=[a,b]",
                              "data.num_classes=2", "data.mixup=0.2"), tmp_path / "run")
+
+
+def test_linear_scaling_rule_scales_lr_by_the_global_batch():
+    from engine.optim import scaled_lr
+
+    cfg = compose_config("optim.lr=0.1", "optim.lr_reference_batch=256").optim
+    assert scaled_lr(cfg, 8 * 128) == pytest.approx(0.4)
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg, global_batch=512)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert build_optimizer(nn.Linear(2, 2), compose_config().optim, global_batch=512).param_groups[0]["lr"] == 0.1

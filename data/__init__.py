@@ -4,6 +4,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from data.corrupt import SkipCorrupt, collate_skipping
 from data.digits import DigitsDataset
 from data.errors import DataError
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
@@ -62,6 +63,8 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
         train_set = Subset(train_set, balanced_indices(train_set.targets, cfg.max_train_samples, seed))
     if cfg.max_val_samples:
         val_set = Subset(val_set, balanced_indices(val_set.targets, cfg.max_val_samples, seed))
+    if cfg.skip_corrupt:
+        train_set, val_set = SkipCorrupt(train_set), SkipCorrupt(val_set)
     return train_set, val_set
 
 
@@ -75,7 +78,8 @@ def build_loaders(
     only on (seed, epoch) and a resumed run sees the same batches as an uninterrupted one.
     """
     pin = torch.cuda.is_available()
-    common = {"num_workers": cfg.num_workers, "pin_memory": pin, "persistent_workers": cfg.num_workers > 0}
+    common = {"num_workers": cfg.num_workers, "pin_memory": pin, "persistent_workers": cfg.num_workers > 0,
+              "collate_fn": collate_skipping if cfg.skip_corrupt else None}
     if world_size > 1:
         train_sampler = torch.utils.data.DistributedSampler(
             train_set, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last

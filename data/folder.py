@@ -2,6 +2,7 @@
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torchvision import datasets
 
@@ -9,12 +10,22 @@ from data.errors import DataError
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; a damaged file raises a DataError that names it."""
+    """Open an image as 8-bit RGB; a damaged file raises a DataError that names it.
+
+    Greyscale, CMYK and palette images convert as PIL does (a palette's transparency through RGBA);
+    16-bit greyscale is scaled to 8 bits, where PIL's own conversion would clip it at 255.
+    """
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            image.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({e}); remove or replace the file") from None
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 def has_folder_layout(root: Path) -> bool:

@@ -35,6 +35,7 @@ class DataConfig:
     mixup: float = 0.0  # mixup alpha
     cutmix: float = 0.0  # cutmix alpha
     label_smoothing: float = 0.0
+    skip_corrupt: bool = False  # leave unreadable images out of their batch and report them (else: stop)
     multi_label: bool = False  # multi-hot targets: binary cross-entropy, one-error metrics
     classes: Optional[List[str]] = None  # multilabel_csv: the label vocabulary, in output order
 

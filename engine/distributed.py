@@ -44,6 +44,15 @@ def broadcast_object(obj):
     return holder[0]
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (a one-element list when not distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over all processes (in place) and return it."""
     if dist.is_initialized():

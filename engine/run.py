@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data import build_datasets, build_loaders, reseed_train_loader
 from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.complexity import count_macs, count_params
-from engine.distributed import broadcast_object, cleanup, init_distributed
+from engine.distributed import all_gather_objects, broadcast_object, cleanup, init_distributed
 from engine.metrics import write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import log_hparams
@@ -90,21 +90,23 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tcfg = cfg.trainer
     device = select_device(tcfg.device)
     precision = build_precision(tcfg.amp, device)
-    rank, world_size = init_distributed(device)
-    main = rank == 0
-    # Hydra computes ${now:...} in every process: all ranks write to rank 0's directory
-    run_dir = Path(broadcast_object(str(run_dir)))
-    if not main:
+    if int(os.environ.get("RANK", 0)) != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    seed_everything(cfg.seed + rank, tcfg.deterministic)
     if tcfg.eval_only and not tcfg.resume:
         raise ConfigError("trainer.eval_only=true needs trainer.resume=PATH/TO/checkpoint.pt")
+    seed_everything(cfg.seed, tcfg.deterministic)  # the same initial weights on every rank
+    # Model first: a bad model or attention spec fails in seconds, before any process group starts
+    # or any data is read.
+    model, summary = _build_checked_model(cfg)
+    rank, world_size = init_distributed(device)
+    main = rank == 0
+    if rank:
+        seed_everything(cfg.seed + rank, tcfg.deterministic)  # each rank its own augmentation stream
+    # Hydra computes ${now:...} in every process: all ranks write to rank 0's directory
+    run_dir = Path(broadcast_object(str(run_dir)))
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-
-    # Model first: a bad model or attention spec fails before any data is read.
-    model, summary = _build_checked_model(cfg)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
     criterion, mixup = _build_criterion(cfg.data)
     train_loader, val_loader = build_loaders(  # mixup pairs samples within a batch: keep batches full
@@ -150,6 +152,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _set_epoch(raw_model, ema, tcfg.epochs, tcfg.epochs)
             result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
             metrics.update(_epoch_metrics(result, ema and evaluate(ema.module, val_loader, precision)))
+            skipped = _gather_skipped(result["skipped"])
+            if skipped:
+                metrics["skipped_images"] = _report_skipped(run_dir, skipped, main)
             metrics.update(status="completed", epoch=state["epoch"], best_top1_err=metrics["top1_err"])
             return _finish(metrics, run_dir, main, writer=None, cfg=cfg)
         if start_epoch > tcfg.epochs:
@@ -170,6 +175,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             ema_result = evaluate(ema.module, val_loader, precision, tcfg.channels_last) if ema else None
             epoch_metrics = {"epoch": epoch, "train_loss": stats["loss"],
                              "train_images_per_s": stats["images_per_s"], **_epoch_metrics(result, ema_result)}
+            skipped = _gather_skipped(stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
+            if skipped:
+                epoch_metrics["skipped_images"] = _report_skipped(run_dir, skipped, main)
             history.append(epoch_metrics)
             is_best = epoch_metrics["top1_err"] < best["top1_err"]
             if is_best:
@@ -201,6 +209,25 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if writer is not None:
             writer.close()
         cleanup()
+
+
+def _gather_skipped(reasons: list[str]) -> list[str]:
+    """The unreadable images every rank left out, once each."""
+    return sorted({r for rank_reasons in all_gather_objects(reasons) for r in rank_reasons})
+
+
+def _report_skipped(run_dir: Path, reasons: list[str], main: bool) -> int:
+    """Log the images left out this epoch and add them to ``skipped_images.txt``; returns the total so far."""
+    if not main:
+        return 0
+    path = run_dir / "skipped_images.txt"
+    known = set(path.read_text().splitlines()) if path.exists() else set()
+    new = [r for r in reasons if r not in known]
+    log.warning("left out %d unreadable image(s) (data.skip_corrupt=true), e.g. %s; all listed in %s",
+                len(reasons), reasons[0], path)
+    with open(path, "a") as f:
+        f.writelines(r + "\n" for r in new)
+    return len(known) + len(new)
 
 
 def _set_epoch(model: nn.Module, ema: ModelEmaV3 | None, epoch: int, epochs: int) -> None:
@@ -238,6 +265,9 @@ def _build_criterion(data_cfg) -> tuple[nn.Module, Mixup | None]:
                               "set them to 0")
         return nn.BCEWithLogitsLoss(), None
     if data_cfg.mixup > 0 or data_cfg.cutmix > 0:
+        if data_cfg.skip_corrupt:
+            raise ConfigError("data.skip_corrupt=true cannot go with data.mixup/cutmix (a batch that loses an "
+                              "image can be odd-sized, which timm's Mixup refuses); turn one off")
         mixup = Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix,
                       label_smoothing=data_cfg.label_smoothing, num_classes=data_cfg.num_classes)
         return SoftTargetCrossEntropy(), mixup

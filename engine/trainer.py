@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from data.corrupt import batch_skipped
 from engine.distributed import all_reduce_sum, get_world_size
 from models.placement import ConfigError
 
@@ -72,7 +73,10 @@ def train_one_epoch(
     loss_total, images, interval_images, steps = 0.0, 0, 0, len(loader)
     start = last_log = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
-    for i, (x, y) in enumerate(bar):
+    skipped: list[str] = []
+    for i, batch in enumerate(bar):
+        x, y = batch
+        skipped += batch_skipped(batch)
         step = start_step + i + 1  # 1-based number of this optimizer step
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
@@ -116,7 +120,8 @@ def train_one_epoch(
             pending.clear()
             interval_images, last_log = 0, now
     elapsed = time.perf_counter() - start
-    return {"loss": loss_total / max(steps, 1), "images_per_s": images * get_world_size() / elapsed}
+    return {"loss": loss_total / max(steps, 1), "images_per_s": images * get_world_size() / elapsed,
+            "skipped": skipped}
 
 
 @torch.no_grad()
@@ -136,7 +141,10 @@ def evaluate(
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, scored, n
     start = time.perf_counter()
-    for x, y in loader:
+    skipped: list[str] = []
+    for batch in loader:
+        x, y = batch
+        skipped += batch_skipped(batch)
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         with precision.autocast():
@@ -159,5 +167,5 @@ def evaluate(
     n, scored = max(n, 1), max(scored, 1)
     return {
         "top1_err": 100.0 * (1 - top1 / scored), "top5_err": 100.0 * (1 - top5 / scored), "loss": loss / n,
-        "images_per_s": n / elapsed, "count": int(n),
+        "images_per_s": n / elapsed, "count": int(n), "skipped": skipped,
     }

@@ -141,3 +141,25 @@ def test_imagenet_recipe_sizes(tmp_path):
     assert imagenet_transform(cfg, train=True)(image).shape == (3, 64, 64)
     val = imagenet_transform(cfg, train=False)
     assert val.transforms[0].size == 80 and val(image).shape == (3, 64, 64)  # resize 64 / 0.8, crop 64
+
+
+def test_every_image_mode_loads_as_8_bit_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from data.folder import load_rgb
+
+    gradient = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    Image.fromarray(gradient).save(tmp_path / "sixteen.png")
+    Image.new("L", (8, 8), 77).save(tmp_path / "grey.png")
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    for name in ("sixteen.png", "grey.png", "cmyk.jpg", "palette.png"):
+        assert load_rgb(str(tmp_path / name)).mode == "RGB", name
+    sixteen = np.asarray(load_rgb(str(tmp_path / "sixteen.png")))[..., 0].astype(int)
+    assert sixteen.min() == 0 and sixteen.max() == 254 and (np.diff(sixteen.flatten()) >= 0).all()  # scaled, not clipped
+    assert np.asarray(load_rgb(str(tmp_path / "grey.png")))[0, 0].tolist() == [77, 77, 77]
+    assert np.abs(np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")))[0, 0].astype(int) - [255, 0, 0]).max() < 8
+    assert np.asarray(load_rgb(str(tmp_path / "palette.png")))[0, 0].tolist() == [10, 200, 30]

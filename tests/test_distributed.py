@@ -69,3 +69,14 @@ def test_slurm_launcher_config_asks_one_process_per_gpu():
     launcher = proc.stdout[proc.stdout.index("  launcher:"):]
     assert "submitit_launcher.SlurmLauncher" in launcher and "partition: gpu" in launcher
     assert "gpus_per_node: 8" in launcher and "tasks_per_node: 8" in launcher
+
+
+def test_a_bad_config_fails_in_seconds_before_the_process_group(tmp_path):
+    import time
+
+    start = time.monotonic()
+    proc = torchrun(2, "attention.stages=[9]", f"hydra.run.dir={tmp_path}", timeout=120)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "resnet20 has no stage 9; valid stages: 1..3" in output and "Traceback" not in proc.stdout
+    assert "init_process_group" not in output and time.monotonic() - start < 60

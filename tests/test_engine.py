@@ -526,3 +526,37 @@ def test_linear_scaling_rule_scales_lr_by_the_global_batch():
     optimizer = build_optimizer(nn.Linear(2, 2), cfg, global_batch=512)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
     assert build_optimizer(nn.Linear(2, 2), compose_config().optim, global_batch=512).param_groups[0]["lr"] == 0.1
+
+
+def corrupt_folder(root: Path) -> list[Path]:
+    """A two-class folder set with a truncated JPEG, an empty file and a text file among the images."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    jpeg = root / "train" / "cat" / "truncated.jpg"
+    Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    empty = root / "val" / "dog" / "empty.png"
+    empty.write_bytes(b"")
+    text = root / "val" / "cat" / "notes.png"
+    text.write_text("not an image")
+    return [jpeg, empty, text]
+
+
+def test_skip_corrupt_leaves_bad_images_out_and_reports_them(tmp_path):
+    bad = corrupt_folder(tmp_path / "data")
+    overrides = ("data=imagefolder", f"data.root={tmp_path / 'data'}", "data.num_classes=2", "data.image_size=32",
+                 "data.stem=cifar", "data.num_workers=2", "data.batch_size=4", "trainer.epochs=2",
+                 "trainer.progress=false")
+    with pytest.raises(Exception, match="cannot read image"):  # without the option: stop, naming the file
+        train(compose_config(*overrides), tmp_path / "strict")
+    metrics = train(compose_config(*overrides, "data.skip_corrupt=true"), tmp_path / "run")
+    assert metrics["status"] == "completed" and metrics["skipped_images"] == 3
+    assert metrics["val_images"] == 16  # 18 files, 2 unreadable: counted once each, never substituted
+    listed = (tmp_path / "run" / "skipped_images.txt").read_text()
+    assert all(str(p) in listed for p in bad) and len(listed.splitlines()) == 3  # once each over two epochs

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from data import DataError
 from engine.checkpoint import CheckpointError
 from engine.config import register_configs
+from engine.interrupt import RunInterrupted
 from engine.run import train
 from engine.trainer import NonFiniteLossError
 from models import ConfigError
@@ -34,6 +35,9 @@ def main(cfg: DictConfig) -> None:
     run_dir = hydra_cfg.runtime.output_dir
     try:
         metrics = train(cfg, run_dir)
+    except RunInterrupted as e:
+        log.warning("%s", e)
+        sys.exit(1)  # non-zero: torchrun --max-restarts and SLURM requeue treat the run as unfinished
     except USER_ERRORS as e:
         log.error("error: %s", short_message(e))
         if hydra_cfg.mode == RunMode.MULTIRUN:

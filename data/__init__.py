@@ -1,4 +1,5 @@
 """Data sets, transforms and loaders, built from the ``data`` config."""
+import signal
 from pathlib import Path
 
 import torch
@@ -9,7 +10,8 @@ from data.digits import DigitsDataset
 from data.errors import DataError
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
 from data.multilabel import MultiLabelCSV
-from data.samplers import ShardSampler, balanced_indices
+from data.samplers import EpochOrder, ShardSampler, balanced_indices
+from data.seeded import PerSampleSeed
 from data.transforms import cifar_transform, digits_transform, imagenet_transform
 from engine.config import DataConfig
 
@@ -79,17 +81,10 @@ def build_loaders(
     """
     pin = torch.cuda.is_available()
     common = {"num_workers": cfg.num_workers, "pin_memory": pin, "persistent_workers": cfg.num_workers > 0,
-              "collate_fn": collate_skipping if cfg.skip_corrupt else None}
-    if world_size > 1:
-        train_sampler = torch.utils.data.DistributedSampler(
-            train_set, world_size, rank, shuffle=True, seed=seed, drop_last=drop_last
-        )
-        train = DataLoader(train_set, cfg.batch_size, sampler=train_sampler, drop_last=drop_last, **common)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        train = DataLoader(
-            train_set, cfg.batch_size, shuffle=True, generator=generator, drop_last=drop_last, **common
-        )
+              "collate_fn": collate_skipping if cfg.skip_corrupt else None,
+              "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None}
+    order = EpochOrder(len(train_set), seed, rank, world_size)
+    train = DataLoader(PerSampleSeed(train_set, seed), cfg.batch_size, sampler=order, drop_last=drop_last, **common)
     val = DataLoader(
         val_set, cfg.eval_batch_size or 2 * cfg.batch_size,
         sampler=ShardSampler(len(val_set), rank, world_size), **common,
@@ -97,12 +92,19 @@ def build_loaders(
     return train, val
 
 
-def reseed_train_loader(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make the coming epoch's order (and worker seeds) a function of (seed, epoch) alone."""
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.generator.manual_seed(seed * 10_000 + epoch)
+def reseed_train_loader(loader: DataLoader, seed: int, epoch: int, skip_batches: int = 0) -> None:
+    """Make the coming epoch's order a function of (seed, epoch) alone, starting ``skip_batches`` in."""
+    loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave SIGUSR1 (SLURM's warning before the time limit) and SIGINT (Ctrl-C,
+    sent to the whole process group) to the training process, which checkpoints and stops them.
+
+    SIGTERM keeps its default: it is how the loader (and Python's exit) shut workers down.
+    """
+    for sig in (signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGINT)):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 __all__ = ["DataError", "build_datasets", "build_loaders", "reseed_train_loader"]

@@ -34,3 +34,32 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class EpochOrder(Sampler[tuple[int, int]]):
+    """The training order: a permutation that depends only on (seed, epoch), sharded over ranks.
+
+    Yields ``(index, epoch)`` so the dataset can seed each sample's augmentation from (seed, epoch,
+    index) whatever worker loads it. ``set_epoch(epoch, skip)`` starts the epoch ``skip`` samples in,
+    which is how a run resumed mid-epoch sees exactly the batches it had left. With several ranks the
+    permutation is padded to a multiple of the world size (as DistributedSampler does for training).
+    """
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.per_rank = -(-size // world_size)
+        self.epoch, self.skip = 1, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use ``epoch``'s order from its ``skip``-th sample on."""
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.per_rank * self.world_size - self.size]
+        mine = order[self.rank::self.world_size]
+        return iter([(i, self.epoch) for i in mine[self.skip:]])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip

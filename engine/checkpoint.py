@@ -2,6 +2,7 @@
 import os
 import pickle
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    _test_pause("ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE")
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+
+_pause_counts: dict[str, int] = {}
+
+
+def _test_pause(variable: str) -> None:
+    """For the fault tests: with ``variable`` set to ``N:MARKER``, the N-th time this point is reached
+    the process writes MARKER and waits to be killed, so a test can kill it exactly there."""
+    setting = os.environ.get(variable)
+    if not setting:
+        return
+    count, marker = setting.split(":", 1)
+    _pause_counts[variable] = _pause_counts.get(variable, 0) + 1
+    if _pause_counts[variable] == int(count):
+        Path(marker).write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -81,6 +81,7 @@ class TrainerConfig:
     log_interval: int = 20  # steps between progress-bar and TensorBoard updates
     attention_maps: int = 0  # val images whose attention maps go to TensorBoard after each evaluation
     resume: Optional[str] = None  # checkpoint path; a run dir with checkpoints/last.pt resumes by itself
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch every N steps
     eval_only: bool = False
     deterministic: bool = False
     progress: bool = True

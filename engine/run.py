@@ -20,6 +20,7 @@ from data import build_datasets, build_loaders, reseed_train_loader
 from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.complexity import count_macs, count_params
 from engine.distributed import all_gather_objects, broadcast_object, cleanup, init_distributed
+from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
 from engine.metrics import write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import log_hparams
@@ -72,15 +73,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return _train(cfg, run_dir)
     except BaseException as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            _mark_failed(run_dir, e)
+            _mark_failed(run_dir, e, "interrupted" if isinstance(e, RunInterrupted) else "failed")
         raise
 
 
-def _mark_failed(run_dir: Path, error: BaseException) -> None:
-    """Set status ``failed`` and the error's first line in metrics.json, keeping what it held."""
+def _mark_failed(run_dir: Path, error: BaseException, status: str = "failed") -> None:
+    """Set ``status`` and the error's first line in metrics.json, keeping what it held."""
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
-    metrics.update(status="failed", error=f"{type(error).__name__}: {error}".strip().splitlines()[0])
+    metrics.update(status=status, error=f"{type(error).__name__}: {error}".strip().splitlines()[0])
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(path, metrics)
 
@@ -133,13 +134,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     resume = tcfg.resume or (last_path if last_path.exists() else None)
     start_epoch, history, best = 1, [], {"top1_err": float("inf"), "epoch": 0}
+    partial = {"batches": 0, "loss_sum": 0.0}  # progress into start_epoch of a mid-epoch checkpoint
     if resume:
         state = load_checkpoint(resume)
         training = None if tcfg.eval_only else (optimizer, scheduler, precision.scaler)
         _restore(state, resume, raw_model, ema, training)
         if not tcfg.eval_only:
             start_epoch, history, best = state["epoch"] + 1, list(state["history"]), dict(state["best"])
-        log.info("resumed from %s (epoch %d)", resume, state["epoch"])
+            if state.get("partial"):
+                partial = dict(state["partial"])
+        log.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
+                 f", then {partial['batches']} steps of epoch {start_epoch}" if partial["batches"] else "")
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
     metrics: dict[str, Any] = {"status": "running", "epoch": start_epoch - 1, "epochs": tcfg.epochs, **summary}
@@ -160,49 +165,73 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if start_epoch > tcfg.epochs:
             log.info("run already finished %d epochs; nothing to do", tcfg.epochs)
         steps_per_epoch = len(train_loader)
-        if scheduler is not None:
-            scheduler.step_update((start_epoch - 1) * steps_per_epoch)  # the lr of the next step
-        for epoch in range(start_epoch, tcfg.epochs + 1):
-            reseed_train_loader(train_loader, cfg.seed, epoch)
-            _set_epoch(raw_model, ema, epoch, tcfg.epochs)
-            stats = train_one_epoch(
-                model, criterion, train_loader, optimizer, precision, epoch,
-                start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
-                clip_grad=cfg.optim.clip_grad, channels_last=tcfg.channels_last,
-                log_interval=tcfg.log_interval, writer=writer, progress=tcfg.progress and main,
-            )
-            result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
-            ema_result = evaluate(ema.module, val_loader, precision, tcfg.channels_last) if ema else None
-            epoch_metrics = {"epoch": epoch, "train_loss": stats["loss"],
-                             "train_images_per_s": stats["images_per_s"], **_epoch_metrics(result, ema_result)}
-            skipped = _gather_skipped(stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
-            if skipped:
-                epoch_metrics["skipped_images"] = _report_skipped(run_dir, skipped, main)
-            history.append(epoch_metrics)
-            is_best = epoch_metrics["top1_err"] < best["top1_err"]
-            if is_best:
-                best = {"top1_err": epoch_metrics["top1_err"], "epoch": epoch}
-            metrics.update(epoch_metrics, best_top1_err=best["top1_err"], best_epoch=best["epoch"])
-            log.info("epoch %d/%d: train loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, loss %.4f%s",
-                     epoch, tcfg.epochs, stats["loss"], result["top1_err"], result["top5_err"],
-                     result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
-            if main:
-                _log_evaluation(writer, result, ema_result, epoch * steps_per_epoch)
-                if tcfg.attention_maps:
-                    _log_attention_maps(writer, raw_model, val_loader, cfg.data, tcfg.attention_maps,
-                                        epoch * steps_per_epoch)
-                state = {
-                    "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": precision.scaler.state_dict(), "epoch": epoch, "history": history,
-                    "best": best, "rng": rng_state(),
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                }
-                save_checkpoint(state, last_path)
+        if scheduler is not None:  # the lr of the next step
+            scheduler.step_update((start_epoch - 1) * steps_per_epoch + partial["batches"])
+
+        def training_state(epoch_done: int, in_progress: dict | None = None) -> dict[str, Any]:
+            """Everything a resume needs, after ``epoch_done`` whole epochs (and ``in_progress`` steps)."""
+            return {
+                "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": precision.scaler.state_dict(), "epoch": epoch_done, "partial": in_progress,
+                "history": history, "best": best, "rng": rng_state(),
+                "config": OmegaConf.to_container(cfg, resolve=True),
+            }
+
+        with StopSignals() as signals:
+            for epoch in range(start_epoch, tcfg.epochs + 1):
+                skip = partial["batches"] if epoch == start_epoch else 0
+                done_before = partial["loss_sum"] if epoch == start_epoch else 0.0
+                reseed_train_loader(train_loader, cfg.seed, epoch, skip)
+                _set_epoch(raw_model, ema, epoch, tcfg.epochs)
+
+                def save_partial(batches: int, loss_sum: float, epoch: int = epoch, done_before: float = done_before):
+                    if main:
+                        save_checkpoint(training_state(epoch - 1, {"epoch": epoch, "batches": batches,
+                                                                    "loss_sum": done_before + loss_sum}), last_path)
+
+                checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals, save_partial, device)
+                stats = train_one_epoch(
+                    model, criterion, train_loader, optimizer, precision, epoch,
+                    start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
+                    clip_grad=cfg.optim.clip_grad, channels_last=tcfg.channels_last,
+                    log_interval=tcfg.log_interval, writer=writer, progress=tcfg.progress and main,
+                    skip_batches=skip, checkpointer=checkpointer,
+                )
+                if stats["stopped"]:
+                    raise RunInterrupted(
+                        f"{signals.received or 'a signal on another rank'}: stopped after step "
+                        f"{(epoch - 1) * steps_per_epoch + skip + stats['steps']} (epoch {epoch}) with a "
+                        f"checkpoint in {last_path}; run the same command to resume"
+                    )
+                result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
+                ema_result = evaluate(ema.module, val_loader, precision, tcfg.channels_last) if ema else None
+                train_loss = (done_before + stats["loss_sum"]) / max(skip + stats["steps"], 1)
+                epoch_metrics = {"epoch": epoch, "train_loss": train_loss,
+                                 "train_images_per_s": stats["images_per_s"], **_epoch_metrics(result, ema_result)}
+                skipped = _gather_skipped(
+                    stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
+                if skipped:
+                    epoch_metrics["skipped_images"] = _report_skipped(run_dir, skipped, main)
+                history.append(epoch_metrics)
+                is_best = epoch_metrics["top1_err"] < best["top1_err"]
                 if is_best:
-                    save_checkpoint(state, best_path)
-                write_json(run_dir / "metrics.json", metrics)
+                    best = {"top1_err": epoch_metrics["top1_err"], "epoch": epoch}
+                metrics.update(epoch_metrics, best_top1_err=best["top1_err"], best_epoch=best["epoch"])
+                log.info("epoch %d/%d: train loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, loss %.4f%s",
+                         epoch, tcfg.epochs, train_loss, result["top1_err"], result["top5_err"],
+                         result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
+                if main:
+                    _log_evaluation(writer, result, ema_result, epoch * steps_per_epoch)
+                    if tcfg.attention_maps:
+                        _log_attention_maps(writer, raw_model, val_loader, cfg.data, tcfg.attention_maps,
+                                            epoch * steps_per_epoch)
+                    state = training_state(epoch)
+                    save_checkpoint(state, last_path)
+                    if is_best:
+                        save_checkpoint(state, best_path)
+                    write_json(run_dir / "metrics.json", metrics)
         metrics["status"] = "completed"
         return _finish(metrics, run_dir, main, writer, cfg)
     finally:

@@ -59,25 +59,58 @@ def train_one_epoch(
     log_interval: int = 20,
     writer: SummaryWriter | None = None,
     progress: bool = True,
+    skip_batches: int = 0,
+    checkpointer=None,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; returns the epoch's mean loss and images/s.
 
     ``start_step`` is the number of optimizer steps taken before this epoch (the schedule and the
-    TensorBoard x-axis count steps). The loss is read back only every ``log_interval`` steps, so
-    the GPU never waits on the host; a non-finite loss is then reported with its exact step.
+    TensorBoard x-axis count steps); ``skip_batches`` how many of this epoch's steps a resumed run
+    already took (the loader starts after them). The loss is read back only every ``log_interval``
+    steps, so the GPU never waits on the host; a non-finite loss is then reported with its exact step.
+    ``checkpointer`` (``engine.interrupt.StepCheckpointer``) may write a mid-epoch checkpoint after
+    any step and stop the epoch there (``stopped`` in the result).
     """
     model.train()
     device, scaler = precision.device, precision.scaler
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     pending: list[torch.Tensor] = []  # losses not yet read back
-    loss_total, images, interval_images, steps = 0.0, 0, 0, len(loader)
+    loss_total, images, interval_images, steps_run = 0.0, 0, 0, 0
     start = last_log = time.perf_counter()
+
+    def flush(step: int) -> None:
+        """Read the pending losses back: check them, add them up, log them."""
+        nonlocal loss_total, interval_images, last_log
+        if not pending:
+            return
+        losses = torch.stack(pending).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = step - len(pending) + 1 + int(bad[0])
+            raise NonFiniteLossError(
+                f"non-finite loss ({losses[int(bad[0])].item()}) at step {first} (epoch {epoch}); "
+                "stopped without writing a checkpoint, the last good one is kept. "
+                "Lower optim.lr, set optim.clip_grad, or use trainer.amp=bf16 instead of fp16."
+            )
+        loss_total += losses.sum().item()
+        now = time.perf_counter()
+        rate = interval_images * get_world_size() / max(now - last_log, 1e-9)
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{losses.mean():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        if writer is not None:
+            writer.add_scalar("train/loss", losses.mean().item(), step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/images_per_s", rate, step)
+        pending.clear()
+        interval_images, last_log = 0, now
+
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     skipped: list[str] = []
+    stopped = False
     for i, batch in enumerate(bar):
         x, y = batch
         skipped += batch_skipped(batch)
-        step = start_step + i + 1  # 1-based number of this optimizer step
+        step = start_step + skip_batches + i + 1  # 1-based number of this optimizer step
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         if mixup is not None:
@@ -98,30 +131,18 @@ def train_one_epoch(
         pending.append(loss.detach())
         images += x.shape[0]
         interval_images += x.shape[0]
-        if len(pending) == log_interval or i + 1 == steps:
-            losses = torch.stack(pending).float().cpu()
-            bad = (~torch.isfinite(losses)).nonzero()
-            if len(bad):
-                first = step - len(pending) + 1 + int(bad[0])
-                raise NonFiniteLossError(
-                    f"non-finite loss ({losses[int(bad[0])].item()}) at step {first} (epoch {epoch}); "
-                    "stopped without writing a checkpoint, the last good one is kept. "
-                    "Lower optim.lr, set optim.clip_grad, or use trainer.amp=bf16 instead of fp16."
-                )
-            loss_total += losses.sum().item()
-            now = time.perf_counter()
-            rate = interval_images * get_world_size() / max(now - last_log, 1e-9)
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{losses.mean():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", losses.mean().item(), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/images_per_s", rate, step)
-            pending.clear()
-            interval_images, last_log = 0, now
+        steps_run += 1
+        if len(pending) == log_interval or i + 1 == len(loader):
+            flush(step)
+        if checkpointer is not None and checkpointer.due(skip_batches + i + 1):
+            flush(step)  # a checkpoint holds only checked losses
+            checkpointer.save(skip_batches + i + 1, loss_total)
+            if checkpointer.stop:
+                stopped = True
+                break
     elapsed = time.perf_counter() - start
-    return {"loss": loss_total / max(steps, 1), "images_per_s": images * get_world_size() / elapsed,
-            "skipped": skipped}
+    return {"loss": loss_total / max(steps_run, 1), "loss_sum": loss_total, "steps": steps_run,
+            "images_per_s": images * get_world_size() / elapsed, "skipped": skipped, "stopped": stopped}
 
 
 @torch.no_grad()

@@ -80,3 +80,140 @@ def test_a_bad_config_fails_in_seconds_before_the_process_group(tmp_path):
     output = proc.stdout + proc.stderr
     assert "resnet20 has no stage 9; valid stages: 1..3" in output and "Traceback" not in proc.stdout
     assert "init_process_group" not in output and time.monotonic() - start < 60
+
+
+RESUMABLE = ("data.max_val_samples=50", "data.batch_size=16", "data.num_workers=2",
+             "trainer.epochs=2", "trainer.deterministic=true", "trainer.checkpoint_every_steps=3",
+             "trainer.progress=false")
+
+
+def start_torchrun(nproc: int, run_dir: Path, env: dict[str, str], samples: int = 128) -> subprocess.Popen:
+    """A torchrun training in its own process group, so the test can SIGKILL all of it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *RESUMABLE, f"data.max_train_samples={samples}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 180) -> None:
+    """Wait until a rank reached the pause point (it wrote ``marker``), then SIGKILL every process."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "never reached the pause point"
+        time.sleep(0.2)
+    time.sleep(0.5)  # the other rank reaches the same step's pause
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def final_weights(run_dir: Path) -> dict:
+    import torch
+
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return {"model": state["model"], "losses": [h["train_loss"] for h in state["history"]],
+            "errors": [h["top1_err"] for h in state["history"]]}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    import torch
+
+    assert a["losses"] == b["losses"] and a["errors"] == b["errors"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path, nproc):
+    reference = start_torchrun(nproc, tmp_path / "reference", {})
+    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()[-3000:]
+    marker = tmp_path / "paused"
+    # the 2nd mid-epoch checkpoint: after step 6, inside the first epoch (8 / nproc steps... or the second)
+    killed = start_torchrun(nproc, tmp_path / "run", {"ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT": f"2:{marker}"})
+    kill_when_paused(killed, marker)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "running"  # killed, not failed
+    resumed = start_torchrun(nproc, tmp_path / "run", {})
+    output = resumed.communicate(timeout=300)[0].decode()
+    assert resumed.returncode == 0, output[-3000:]
+    assert "steps of epoch" in output  # it resumed mid-epoch
+    assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    from engine.checkpoint import load_checkpoint
+
+    marker = tmp_path / "paused"
+    killed = start_torchrun(1, tmp_path / "run", {"ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE": f"2:{marker}"})
+    kill_when_paused(killed, marker)  # the second write (after step 6) is half done: temp file, no rename
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / ".last.pt.tmp").exists()
+    state = load_checkpoint(checkpoints / "last.pt")  # the first one, complete
+    assert state["epoch"] == 0 and state["partial"]["batches"] == 3
+    resumed = start_torchrun(1, tmp_path / "run", {})
+    assert resumed.wait(timeout=300) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_exactly(tmp_path):
+    import signal
+    import time
+
+    # 45 steps a rank an epoch: the signal lands well inside the first epoch
+    reference = start_torchrun(2, tmp_path / "reference", {}, samples=1437)
+    assert reference.wait(timeout=300) == 0
+    run = start_torchrun(2, tmp_path / "run", {}, samples=1437)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():  # the step-3 checkpoint
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    ranks = sorted(child_pids(run.pid))  # torchrun's children; their own children are data-loader workers
+    assert len(ranks) == 2
+    os.kill(ranks[-1], signal.SIGTERM)  # one rank only: the other must stop at the same step
+    output = run.communicate(timeout=120)[0].decode()
+    assert run.returncode != 0 and "stopped after step" in output, output[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+    resumed = start_torchrun(2, tmp_path / "run", {}, samples=1437)
+    assert resumed.wait(timeout=300) == 0
+    assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_whole_process_group_checkpoints_while_workers_ignore_it(tmp_path):
+    """SLURM's warning signal reaches the trainer and its data-loader workers alike."""
+    import signal
+    import time
+
+    cmd = [sys.executable, str(ROOT / "train.py"), *RESUMABLE, "data.max_train_samples=1437",
+           f"hydra.run.dir={tmp_path}"]
+    run = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoints" / "last.pt").exists():
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGUSR1)
+    output = run.communicate(timeout=120)[0].decode()
+    assert run.returncode == 1 and "SIGUSR1: stopped after step" in output, output[-3000:]
+    assert "exited unexpectedly" not in output  # the workers ignored it
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"

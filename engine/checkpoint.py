@@ -23,14 +23,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _test_pause("ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE")
+    pause_for_tests("ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE")
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
 _pause_counts: dict[str, int] = {}
 
 
-def _test_pause(variable: str) -> None:
+def pause_for_tests(variable: str) -> None:
     """For the fault tests: with ``variable`` set to ``N:MARKER``, the N-th time this point is reached
     the process writes MARKER and waits to be killed, so a test can kill it exactly there."""
     setting = os.environ.get(variable)

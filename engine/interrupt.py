@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint import _test_pause
+from engine.checkpoint import pause_for_tests
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -59,4 +59,4 @@ class StepCheckpointer:
     def save(self, batches_done: int, loss_sum: float) -> None:
         """Write the mid-epoch checkpoint."""
         self._save(batches_done, loss_sum)
-        _test_pause("ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT")
+        pause_for_tests("ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT")

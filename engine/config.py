@@ -82,6 +82,8 @@ class TrainerConfig:
     attention_maps: int = 0  # val images whose attention maps go to TensorBoard after each evaluation
     resume: Optional[str] = None  # checkpoint path; a run dir with checkpoints/last.pt resumes by itself
     checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch every N steps
+    init_from: Optional[str] = None  # fine-tune: start from this checkpoint's weights (not its optimizer or epoch)
+    new_head: bool = False  # with init_from: a fresh classifier for another class list
     eval_only: bool = False
     deterministic: bool = False
     progress: bool = True

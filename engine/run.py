@@ -62,6 +62,30 @@ def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Pat
         raise CheckpointError(f"{path} was saved from a different model or class list: {detail}") from None
 
 
+HEAD_PREFIXES = ("fc.", "head.", "aux_head.", "fusion.")  # the classifiers of every backbone
+
+
+def load_init_weights(model: nn.Module, path: str | Path, new_head: bool) -> None:
+    """Fine-tuning's start: a checkpoint's weights; with ``new_head`` the classifier stays freshly built.
+
+    Anything else that does not fit (another architecture) is refused with the mismatch shown.
+    """
+    weights = load_checkpoint(path)["model"]
+    if new_head:
+        weights = {k: v for k, v in weights.items() if not k.startswith(HEAD_PREFIXES)}
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in weights and not (new_head and k.startswith(HEAD_PREFIXES))]
+    unexpected = [k for k in weights if k not in own]
+    if mismatched or missing or unexpected:
+        head_only = all(k.split(":")[0].startswith(HEAD_PREFIXES) for k in mismatched + missing + unexpected)
+        hint = "; to fine-tune for another class list set trainer.new_head=true" if head_only and not new_head else ""
+        problems = mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
+        raise CheckpointError(f"{path} does not fit this model ({'; '.join(problems)}){hint}")
+    model.load_state_dict(weights, strict=False)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate as ``cfg`` says, writing everything under ``run_dir``.
 
@@ -115,6 +139,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
 
+    if tcfg.init_from and not (run_dir / "checkpoints" / "last.pt").exists():  # a resume wins
+        load_init_weights(model, tcfg.init_from, tcfg.new_head)
+        log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
     model.to(device, memory_format=torch.channels_last if tcfg.channels_last else torch.preserve_format)
     raw_model = model  # the module whose state dict is saved
     if tcfg.compile:

@@ -560,3 +560,21 @@ def test_skip_corrupt_leaves_bad_images_out_and_reports_them(tmp_path):
     assert metrics["val_images"] == 16  # 18 files, 2 unreadable: counted once each, never substituted
     listed = (tmp_path / "run" / "skipped_images.txt").read_text()
     assert all(str(p) in listed for p in bad) and len(listed.splitlines()) == 3  # once each over two epochs
+
+
+def test_fine_tuning_with_a_new_head_is_explicit(tmp_path):
+    from engine.run import load_init_weights
+    from models import build_model
+
+    source = build_model({"name": "resnet20"}, {"name": "se"}, num_classes=10)
+    save_checkpoint({"model": source.state_dict(), "epoch": 3}, tmp_path / "c10.pt")
+    target = build_model({"name": "resnet20"}, {"name": "se"}, num_classes=2)
+    fresh_head = target.fc.weight.clone()
+    with pytest.raises(CheckpointError, match=r"fc.weight: checkpoint \(10, 64\) vs model \(2, 64\).*trainer.new_head=true"):
+        load_init_weights(target, tmp_path / "c10.pt", new_head=False)
+    load_init_weights(target, tmp_path / "c10.pt", new_head=True)
+    assert torch.equal(target.conv1.weight, source.conv1.weight)  # the backbone came over
+    assert torch.equal(target.fc.weight, fresh_head)  # the classifier did not
+    other = build_model({"name": "resnet20"}, {"name": "cbam"}, num_classes=2)
+    with pytest.raises(CheckpointError, match="does not fit this model.*(missing|unexpected)"):
+        load_init_weights(other, tmp_path / "c10.pt", new_head=True)  # another architecture: refused

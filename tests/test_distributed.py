@@ -107,8 +107,24 @@ def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 180)
         assert time.monotonic() < deadline, "never reached the pause point"
         time.sleep(0.2)
     time.sleep(0.5)  # the other rank reaches the same step's pause
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each rank in its own session: kill the whole tree, ranks and their workers
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    assert not [p for p in descendants(proc.pid) if Path(f"/proc/{p}").exists()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc)."""
+    found, frontier = [], [pid]
+    while frontier:
+        children = child_pids(frontier.pop())
+        found += children
+        frontier += children
+    return found
 
 
 def final_weights(run_dir: Path) -> dict:

@@ -76,7 +76,7 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Loaders over the two splits; ``data.batch_size`` is per process.
 
-    The train order is reseeded each epoch by ``reseed_train_loader``, so an epoch's order depends
+    The train order is set each epoch by ``set_train_epoch``, so an epoch's order depends
     only on (seed, epoch) and a resumed run sees the same batches as an uninterrupted one.
     """
     pin = torch.cuda.is_available()
@@ -92,8 +92,9 @@ def build_loaders(
     return train, val
 
 
-def reseed_train_loader(loader: DataLoader, seed: int, epoch: int, skip_batches: int = 0) -> None:
-    """Make the coming epoch's order a function of (seed, epoch) alone, starting ``skip_batches`` in."""
+def set_train_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Set the train loader to ``epoch``'s order (a function of the seed and the epoch alone),
+    starting ``skip_batches`` batches in."""
     loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
 
 
@@ -107,4 +108,4 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-__all__ = ["DataError", "build_datasets", "build_loaders", "reseed_train_loader"]
+__all__ = ["DataError", "build_datasets", "build_loaders", "set_train_epoch"]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from data import build_datasets, build_loaders, reseed_train_loader
+from data import build_datasets, build_loaders, set_train_epoch
 from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.complexity import count_macs, count_params
 from engine.distributed import all_gather_objects, broadcast_object, cleanup, init_distributed
@@ -210,7 +210,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             for epoch in range(start_epoch, tcfg.epochs + 1):
                 skip = partial["batches"] if epoch == start_epoch else 0
                 done_before = partial["loss_sum"] if epoch == start_epoch else 0.0
-                reseed_train_loader(train_loader, cfg.seed, epoch, skip)
+                set_train_epoch(train_loader, epoch, skip)
                 _set_epoch(raw_model, ema, epoch, tcfg.epochs)
 
                 def save_partial(batches: int, loss_sum: float, epoch: int = epoch, done_before: float = done_before):

@@ -133,6 +133,18 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_branch():
     assert all(m.bn2.weight.abs().sum() == 0 for m in model.modules() if isinstance(m, BasicBlock))
 
 
+@pytest.mark.parametrize("name,groups", [("resnet20", 16), ("resnet50", 32)])
+def test_group_norm_resnet_has_no_batch_statistics(name, groups):
+    model = build_model({"name": name, "norm": "group"}, {"name": "se"}, num_classes=10).train()
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    assert norms and all(isinstance(m, nn.GroupNorm) for m in norms)
+    assert min(m.num_groups for m in norms) == groups  # gcd(32, 16) on the CIFAR net's first stage
+    # same affine parameters as BatchNorm, so the two differ only in what they normalise over
+    assert count_params(model) == count_params(build_model({"name": name}, {"name": "se"}, num_classes=10))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x)[1:2], model(x[1:2]))  # a sample's output ignores the rest of its batch
+
+
 @pytest.mark.parametrize("model_cfg,attention,message", [
     ({"name": "resnet20"}, {"name": "cbamm"}, "unknown attention block 'cbamm'; valid names: none, se"),
     ({"name": "resnet20"}, {"name": "se", "reductio": 8}, "unknown key(s) reductio; valid keys: name, stages, position, every, reduction, bias, squeeze, gate, divisor"),
@@ -144,6 +156,7 @@ def test_zero_init_residual_zeroes_the_last_norm_of_each_branch():
     ({"name": "resnet99"}, {"name": "none"}, "unknown backbone 'resnet99'; valid names: resnet18"),
     ({"name": "resnet20", "stride_in_1x1": True}, {"name": "none"}, "unknown key(s) stride_in_1x1"),
     ({"name": "resnet50", "stem": "tiny"}, {"name": "none"}, "model.stem='tiny' is not a stem; valid stems: cifar, imagenet"),
+    ({"name": "resnet20", "norm": "layer"}, {"name": "none"}, "model.norm='layer' is not valid; use one of batch, group"),
 ])
 def test_bad_model_or_attention_config_names_the_fix(model_cfg, attention, message):
     with pytest.raises(ConfigError) as info:

@@ -8,6 +8,7 @@ their state dicts are interchangeable with ``torchvision.models.resnet*``. CIFAR
 follow the paper's Section 4.2: a 3x3 stem, three stages of 16/32/64 channels and parameter-free
 shortcuts (option A: stride-2 subsampling plus zero channel padding).
 """
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -33,6 +34,22 @@ def _spatial_conv(attn: AttnFactories, in_channels: int, out_channels: int, stri
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
+NORMS = ("batch", "group")
+
+
+def norm_factory(kind: str, groups: int = 32) -> Callable[[int], nn.Module]:
+    """``channels -> norm module``: BatchNorm, or GroupNorm with ``gcd(groups, channels)`` groups.
+
+    GroupNorm normalises each sample on its own, so a batch split over processes trains like the
+    whole batch in one (no cross-sample statistics, no SyncBatchNorm needed).
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d
+    if kind == "group":
+        return lambda channels: nn.GroupNorm(math.gcd(groups, channels), channels)
+    raise ConfigError(f"model.norm='{kind}' is not valid; use one of {', '.join(NORMS)}")
+
+
 def restore_block_inits(model: nn.Module) -> None:
     """After a backbone's init loop: blocks whose paper fixes an init (zero gamma, zero last conv) redo it."""
     for m in model.modules():
@@ -53,23 +70,24 @@ class BasicBlock(nn.Module):
         downsample: nn.Module | None = None,
         attn: AttnFactories | None = None,
         stride_in_1x1: bool = False,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
         attn = attn or {}
         out_channels = channels * self.expansion
         self.attn_pre = attention_at(attn, "pre", in_channels)
         self.conv1 = _spatial_conv(attn, in_channels, channels, stride)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = norm_layer(channels)
         self.attn_after_spatial = attention_at(attn, "after_spatial", channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = norm_layer(channels)
         self.attn_standard = attention_at(attn, "standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.attn_identity = attention_at(attn, "identity", out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.attn_post = attention_at(attn, "post", out_channels)
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         """The norm that closes the residual branch (zero-initialised by zero_init_residual)."""
         return self.bn2
 
@@ -101,6 +119,7 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         attn: AttnFactories | None = None,
         stride_in_1x1: bool = False,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
         attn = attn or {}
@@ -108,19 +127,19 @@ class Bottleneck(nn.Module):
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.attn_pre = attention_at(attn, "pre", in_channels)
         self.conv1 = nn.Conv2d(in_channels, channels, 1, stride=stride_1x1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = norm_layer(channels)
         self.conv2 = _spatial_conv(attn, channels, channels, stride_3x3)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = norm_layer(channels)
         self.attn_after_spatial = attention_at(attn, "after_spatial", channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.bn3 = norm_layer(out_channels)
         self.attn_standard = attention_at(attn, "standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.attn_identity = attention_at(attn, "identity", out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.attn_post = attention_at(attn, "post", out_channels)
 
-    def last_bn(self) -> nn.BatchNorm2d:
+    def last_bn(self) -> nn.Module:
         """The norm that closes the residual branch (zero-initialised by zero_init_residual)."""
         return self.bn3
 
@@ -172,9 +191,11 @@ class ResNet(nn.Module):
         stem: ``imagenet`` or ``cifar``.
         shortcut: ``projection`` (1x1 conv + BN, option B) or ``pad`` (option A) where shapes change.
         stride_in_1x1: see ``Bottleneck``.
-        zero_init_residual: zero the last BN of every residual branch (Goyal et al. 2017).
+        zero_init_residual: zero the last norm of every residual branch (Goyal et al. 2017).
         in_chans: input image channels.
         name: the variant's name, for error messages.
+        norm: ``batch`` (the paper) or ``group`` (GroupNorm, Wu & He 2018: batch-independent).
+        norm_groups: GroupNorm's group count (fewer where it does not divide the channels).
     """
 
     def __init__(
@@ -190,14 +211,17 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         in_chans: int = 3,
         name: str = "resnet",
+        norm: str = "batch",
+        norm_groups: int = 32,
     ):
         super().__init__()
         if shortcut not in ("projection", "pad"):
             raise ConfigError(f"shortcut='{shortcut}' is not valid; use projection or pad")
+        norm_layer = norm_factory(norm, norm_groups)
         plan = AttentionPlan(attention, name, depths, positions=POSITIONS, default_position="standard")
         # torchvision's names (conv1, bn1, relu, maxpool) keep state dicts interchangeable.
         self.conv1, self.maxpool = _stem(stem, in_chans, widths[0])
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = norm_layer(widths[0])
         self.relu = nn.ReLU(inplace=True)
         stem_attn = plan.stem()
         self.attn_stem = stem_attn(widths[0]) if stem_attn is not None else nn.Identity()
@@ -210,9 +234,9 @@ class ResNet(nn.Module):
                 out_channels = width * block.expansion
                 downsample = None
                 if stride != 1 or in_channels != out_channels:
-                    downsample = self._shortcut(shortcut, in_channels, out_channels, stride)
+                    downsample = self._shortcut(shortcut, in_channels, out_channels, stride, norm_layer)
                 units.append(
-                    block(in_channels, width, stride, downsample, plan.unit(s, i), stride_in_1x1)
+                    block(in_channels, width, stride, downsample, plan.unit(s, i), stride_in_1x1, norm_layer)
                 )
                 in_channels = out_channels
             setattr(self, f"layer{s}", nn.Sequential(*units))
@@ -222,13 +246,14 @@ class ResNet(nn.Module):
         self._init_weights(zero_init_residual)
 
     @staticmethod
-    def _shortcut(kind: str, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    def _shortcut(kind: str, in_channels: int, out_channels: int, stride: int,
+                  norm_layer: Callable[[int], nn.Module]) -> nn.Module:
         """A shortcut that maps the unit's input to its output shape."""
         if kind == "pad":
             return PadShortcut(in_channels, out_channels, stride)
         return nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(out_channels),
         )
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -290,12 +315,15 @@ def imagenet_resnet(
     stride_in_1x1: bool = False,
     zero_init_residual: bool = False,
     in_chans: int = 3,
+    norm: str = "batch",
+    norm_groups: int = 32,
 ) -> ResNet:
     """ResNet-18/34/50/101/152 in torchvision's layout (projection shortcuts)."""
     block, depths = _IMAGENET[name]
     return ResNet(
         block, depths, num_classes=num_classes, attention=attention, stem=stem,
         stride_in_1x1=stride_in_1x1, zero_init_residual=zero_init_residual, in_chans=in_chans, name=name,
+        norm=norm, norm_groups=norm_groups,
     )
 
 
@@ -306,10 +334,13 @@ def cifar_resnet(
     stem: str = "cifar",
     zero_init_residual: bool = False,
     in_chans: int = 3,
+    norm: str = "batch",
+    norm_groups: int = 32,
 ) -> ResNet:
     """CIFAR ResNet-20/32/44/56/110: 16/32/64 channels, option A shortcuts."""
     n = _CIFAR[name]
     return ResNet(
         BasicBlock, (n, n, n), widths=(16, 32, 64), num_classes=num_classes, attention=attention,
         stem=stem, shortcut="pad", zero_init_residual=zero_init_residual, in_chans=in_chans, name=name,
+        norm=norm, norm_groups=norm_groups,
     )

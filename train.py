@@ -10,13 +10,14 @@ from omegaconf import DictConfig
 from data import DataError
 from engine.checkpoint import CheckpointError
 from engine.config import register_configs
+from engine.distributed import RankLostError
 from engine.interrupt import RunInterrupted
 from engine.run import train
 from engine.trainer import NonFiniteLossError
 from models import ConfigError
 
 # Bad input the user can fix: reported in one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RankLostError)
 log = logging.getLogger("attnlab")
 
 register_configs()

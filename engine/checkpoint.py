@@ -32,9 +32,14 @@ _pause_counts: dict[str, int] = {}
 
 def pause_for_tests(variable: str) -> None:
     """For the fault tests: with ``variable`` set to ``N:MARKER``, the N-th time this point is reached
-    the process writes MARKER and waits to be killed, so a test can kill it exactly there."""
+    the process writes MARKER and waits to be killed, so a test can kill it exactly there.
+
+    ``ATTNLAB_TEST_PAUSE_RANK=R`` pauses rank R only; workers restarted by torchrun never pause.
+    """
     setting = os.environ.get(variable)
-    if not setting:
+    if not setting or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        return
+    if os.environ.get("ATTNLAB_TEST_PAUSE_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     count, marker = setting.split(":", 1)
     _pause_counts[variable] = _pause_counts.get(variable, 0) + 1

@@ -86,6 +86,9 @@ class TrainerConfig:
     new_head: bool = False  # with init_from: a fresh classifier for another class list
     eval_only: bool = False
     deterministic: bool = False
+    sync_bn: bool = False  # with several CUDA processes: batch norm statistics over the global batch
+    dist_timeout_s: float = 600  # a collective waits this long for a silent rank, then every rank stops
+    on_nonfinite: str = "stop"  # a NaN/inf loss on any rank: stop every rank, or skip that update on every rank
     progress: bool = True
 
 

@@ -1,12 +1,21 @@
 """Small distributed helpers: torchrun's environment in, rank queries and reductions out."""
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group when launched by torchrun or as several SLURM tasks; returns (rank, world_size)."""
+class RankLostError(RuntimeError):
+    """A collective failed: another rank died, or hung for longer than the process group's timeout."""
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600) -> tuple[int, int]:
+    """Join the process group when launched by torchrun or as several SLURM tasks; returns (rank, world_size).
+
+    ``timeout_s`` bounds how long a collective waits for a rank that has stopped answering; on CUDA
+    NCCL's async error handling (on by default) then aborts the collective instead of hanging.
+    """
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SUBMITIT_FOLDER" in os.environ:
         from submitit.helpers import TorchDistributedEnvironment
 
@@ -16,8 +25,46 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        hint = ""
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and \
+                os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one rendezvous store across restarts, holding the first attempt's addresses
+            hint = "; relaunch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so --max-restarts can reconnect"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise RankLostError(f"could not join the process group ({first}){hint}") from e
     return dist.get_rank(), dist.get_world_size()
+
+
+# How the backends word a lost peer or a timeout (gloo raises plain RuntimeErrors).
+_LOST_PEER = ("gloo", "nccl", "processgroup", "connection reset", "connection closed", "broken pipe",
+              "timed out", "timeout")
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a backend's report of a peer that went away or timed out."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(k in str(error).lower() for k in _LOST_PEER))
+
+
+def as_rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
+    """A clear RankLostError for a collective that failed on a lost peer, else None."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or isinstance(error, RankLostError):
+        return None
+    cause = error
+    while cause is not None and not _is_lost_peer(cause):  # e.g. a data-loader worker error raised after it
+        cause = cause.__context__
+    if cause is None:
+        return None
+    text = str(cause).strip()
+    first = text.splitlines()[0][:300] if text else type(cause).__name__
+    return RankLostError(
+        f"rank {dist.get_rank()} lost contact with another rank, which died or did not answer within "
+        f"trainer.dist_timeout_s={timeout_s:g} s ({first}); stopped. Check the other ranks' logs, then run "
+        "the same command to resume from the last complete checkpoint"
+    )
 
 
 def get_rank() -> int:
@@ -58,6 +105,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing when not distributed)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class ReplicasDivergedError(RuntimeError):
+    """DDP replicas that should be identical are not."""
+
+
+def check_replicas_agree(model: torch.nn.Module, when: str) -> None:
+    """Raise if the ranks' weights differ (they must be bit-identical under DDP); costs two scalar all-reduces.
+
+    A rank that took a different step (skipped an update the others made) would otherwise train on
+    silently, and rank 0's checkpoint would not be what the other ranks computed.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        checksum = sum(p.double().sum() for p in model.parameters())
+    checksum = torch.nan_to_num(checksum, nan=-1e300)  # NaN on every rank still counts as agreeing
+    low, high = checksum.clone().reshape(1), checksum.clone().reshape(1)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise ReplicasDivergedError(
+            f"the ranks' weights differ after {when} (parameter sums {low.item():.17g} to {high.item():.17g}): "
+            "some rank skipped or repeated an update; rank 0's checkpoints would not match the others"
+        )
 
 
 def cleanup() -> None:

@@ -41,7 +41,7 @@ class StepCheckpointer:
     step and the one checkpoint matches all of them.
     """
 
-    def __init__(self, every: int | None, signals: StopSignals, save: Callable[[int, float], None],
+    def __init__(self, every: int | None, signals: StopSignals, save: Callable[[dict], None],
                  device: torch.device):
         self.every, self.signals, self._save, self.device = every, signals, save, device
         self.stop = False
@@ -56,7 +56,7 @@ class StepCheckpointer:
         self.stop = requested
         return requested or bool(self.every and batches_done % self.every == 0)
 
-    def save(self, batches_done: int, loss_sum: float) -> None:
-        """Write the mid-epoch checkpoint."""
-        self._save(batches_done, loss_sum)
+    def save(self, progress: dict) -> None:
+        """Write the mid-epoch checkpoint; ``progress``: the epoch's ``batches`` done and loss totals."""
+        self._save(progress)
         pause_for_tests("ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT")

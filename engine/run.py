@@ -19,12 +19,13 @@ from torch.utils.tensorboard import SummaryWriter
 from data import build_datasets, build_loaders, set_train_epoch
 from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.complexity import count_macs, count_params
-from engine.distributed import all_gather_objects, broadcast_object, cleanup, init_distributed
+from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
+                                broadcast_object, check_replicas_agree, cleanup, init_distributed)
 from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
 from engine.metrics import write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import log_hparams
-from engine.trainer import build_precision, evaluate, train_one_epoch
+from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
 from engine.visualize import log_attention_images
 from models import build_model
 from models.placement import ConfigError
@@ -96,9 +97,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         return _train(cfg, run_dir)
     except BaseException as e:
+        lost = as_rank_lost(e, cfg.trainer.dist_timeout_s)  # a collective failed: name it plainly
         if int(os.environ.get("RANK", 0)) == 0:
-            _mark_failed(run_dir, e, "interrupted" if isinstance(e, RunInterrupted) else "failed")
+            _mark_failed(run_dir, lost or e, "interrupted" if isinstance(e, RunInterrupted) else "failed")
+        if isinstance(e, AGREED_STOPS):
+            # every rank raised this at the same step: leave together, or torchrun would stop rank 0
+            # (SIGTERM) as soon as another rank exits, perhaps before its status was written
+            barrier()
+        if lost is not None:
+            raise lost from e
         raise
+    finally:
+        cleanup()
+
+
+# Errors every rank raises after the same step, having agreed on them through a collective.
+AGREED_STOPS = (RunInterrupted, NonFiniteLossError, ReplicasDivergedError)
 
 
 def _mark_failed(run_dir: Path, error: BaseException, status: str = "failed") -> None:
@@ -123,7 +137,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # Model first: a bad model or attention spec fails in seconds, before any process group starts
     # or any data is read.
     model, summary = _build_checked_model(cfg)
-    rank, world_size = init_distributed(device)
+    check_sync_bn(tcfg.sync_bn, device)
+    rank, world_size = init_distributed(device, tcfg.dist_timeout_s)
     main = rank == 0
     if rank:
         seed_everything(cfg.seed + rank, tcfg.deterministic)  # each rank its own augmentation stream
@@ -142,6 +157,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if tcfg.init_from and not (run_dir / "checkpoints" / "last.pt").exists():  # a resume wins
         load_init_weights(model, tcfg.init_from, tcfg.new_head)
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
+    if tcfg.sync_bn and world_size > 1:  # same parameter names: checkpoints stay interchangeable
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        log.info("batch norm statistics synchronised over %d processes", world_size)
     model.to(device, memory_format=torch.channels_last if tcfg.channels_last else torch.preserve_format)
     raw_model = model  # the module whose state dict is saved
     if tcfg.compile:
@@ -161,7 +179,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
     resume = tcfg.resume or (last_path if last_path.exists() else None)
     start_epoch, history, best = 1, [], {"top1_err": float("inf"), "epoch": 0}
-    partial = {"batches": 0, "loss_sum": 0.0}  # progress into start_epoch of a mid-epoch checkpoint
+    partial = {"batches": 0}  # progress into start_epoch of a mid-epoch checkpoint
     if resume:
         state = load_checkpoint(resume)
         training = None if tcfg.eval_only else (optimizer, scheduler, precision.scaler)
@@ -169,7 +187,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if not tcfg.eval_only:
             start_epoch, history, best = state["epoch"] + 1, list(state["history"]), dict(state["best"])
             if state.get("partial"):
-                partial = dict(state["partial"])
+                partial = {k: v for k, v in state["partial"].items() if k != "epoch"}
         log.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
                  f", then {partial['batches']} steps of epoch {start_epoch}" if partial["batches"] else "")
 
@@ -208,15 +226,18 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         with StopSignals() as signals:
             for epoch in range(start_epoch, tcfg.epochs + 1):
-                skip = partial["batches"] if epoch == start_epoch else 0
-                done_before = partial["loss_sum"] if epoch == start_epoch else 0.0
+                resumed = _rank_share(partial, rank, world_size) if epoch == start_epoch else {"batches": 0}
+                skip = resumed.pop("batches")
                 set_train_epoch(train_loader, epoch, skip)
                 _set_epoch(raw_model, ema, epoch, tcfg.epochs)
 
-                def save_partial(batches: int, loss_sum: float, epoch: int = epoch, done_before: float = done_before):
+                def save_partial(progress: dict, epoch: int = epoch):
+                    # each rank's own loss totals, so a resume adds up exactly what the full run does
+                    per_rank = all_gather_objects((progress["loss_sum"], progress["loss_steps"]))
+                    progress = {**progress, "loss_sum": [s for s, _ in per_rank],
+                                "loss_steps": [n for _, n in per_rank]}
                     if main:
-                        save_checkpoint(training_state(epoch - 1, {"epoch": epoch, "batches": batches,
-                                                                    "loss_sum": done_before + loss_sum}), last_path)
+                        save_checkpoint(training_state(epoch - 1, {"epoch": epoch, **progress}), last_path)
 
                 checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals, save_partial, device)
                 stats = train_one_epoch(
@@ -224,7 +245,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
                     clip_grad=cfg.optim.clip_grad, channels_last=tcfg.channels_last,
                     log_interval=tcfg.log_interval, writer=writer, progress=tcfg.progress and main,
-                    skip_batches=skip, checkpointer=checkpointer,
+                    skip_batches=skip, checkpointer=checkpointer, on_nonfinite=tcfg.on_nonfinite,
+                    resumed=resumed,
                 )
                 if stats["stopped"]:
                     raise RunInterrupted(
@@ -232,11 +254,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         f"{(epoch - 1) * steps_per_epoch + skip + stats['steps']} (epoch {epoch}) with a "
                         f"checkpoint in {last_path}; run the same command to resume"
                     )
+                check_replicas_agree(raw_model, f"epoch {epoch}")
                 result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
                 ema_result = evaluate(ema.module, val_loader, precision, tcfg.channels_last) if ema else None
-                train_loss = (done_before + stats["loss_sum"]) / max(skip + stats["steps"], 1)
+                totals = torch.tensor([stats["loss_sum"], stats["loss_steps"]], dtype=torch.float64, device=device)
+                loss_sum, loss_steps = all_reduce_sum(totals).tolist()
+                train_loss = loss_sum / max(loss_steps, 1)  # over every rank's batches
                 epoch_metrics = {"epoch": epoch, "train_loss": train_loss,
                                  "train_images_per_s": stats["images_per_s"], **_epoch_metrics(result, ema_result)}
+                if stats["skipped_steps"]:
+                    epoch_metrics["skipped_steps"] = stats["skipped_steps"]
                 skipped = _gather_skipped(
                     stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
                 if skipped:
@@ -264,7 +291,18 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         if writer is not None:
             writer.close()
-        cleanup()
+
+
+def _rank_share(partial: dict, rank: int, world_size: int) -> dict:
+    """This rank's part of a mid-epoch checkpoint's progress: ``batches``, its own loss totals, skips."""
+    share = dict(partial)
+    sums, steps = share.get("loss_sum", 0.0), share.get("loss_steps", partial["batches"])
+    if isinstance(sums, list) and len(sums) == world_size:
+        share.update(loss_sum=sums[rank], loss_steps=steps[rank])
+    else:  # another world size: rank 0 carries the totals (the epoch's mean is then not bit-exact)
+        total = (sum(sums), sum(steps)) if isinstance(sums, list) else (sums, steps)
+        share.update(zip(("loss_sum", "loss_steps"), total if rank == 0 else (0.0, 0)))
+    return share
 
 
 def _gather_skipped(reasons: list[str]) -> list[str]:
@@ -293,6 +331,13 @@ def _set_epoch(model: nn.Module, ema: ModelEmaV3 | None, epoch: int, epochs: int
             stage = m.set_epoch(epoch, epochs)
             if m is model:
                 log.info("epoch %d: training stage '%s'", epoch, stage)
+
+
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    """SyncBatchNorm runs on CUDA only (torch's kernels); on the CPU say what to use instead."""
+    if sync_bn and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA devices; on the CPU use model.norm=group for "
+                          "batch statistics that do not depend on the per-process batch")
 
 
 def _build_checked_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, int]]:

@@ -1,8 +1,11 @@
 """One training epoch and one evaluation pass."""
+import logging
+import os
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -10,14 +13,16 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data.corrupt import batch_skipped
-from engine.distributed import all_reduce_sum, get_world_size
+from engine.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size
 from models.placement import ConfigError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_ACTIONS = ("stop", "skip")
+log = logging.getLogger("attnlab")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stops before the next checkpoint is written."""
+    """A rank's loss became NaN or infinite; every rank stops before the next checkpoint is written."""
 
 
 @dataclass
@@ -61,44 +66,55 @@ def train_one_epoch(
     progress: bool = True,
     skip_batches: int = 0,
     checkpointer=None,
+    on_nonfinite: str = "stop",
+    resumed: dict | None = None,
 ) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns the epoch's mean loss and images/s.
+    """Train for one pass over ``loader``; returns the epoch's mean loss, loss totals, steps and images/s.
 
     ``start_step`` is the number of optimizer steps taken before this epoch (the schedule and the
     TensorBoard x-axis count steps); ``skip_batches`` how many of this epoch's steps a resumed run
-    already took (the loader starts after them). The loss is read back only every ``log_interval``
-    steps, so the GPU never waits on the host; a non-finite loss is then reported with its exact step.
+    already took (the loader starts after them) and ``resumed`` their totals (a mid-epoch checkpoint's
+    ``partial``). The loss is read back only every ``log_interval`` steps, so the GPU never waits on
+    the host. A non-finite loss on any rank, with ``on_nonfinite``:
+
+    - ``stop``: found when the losses are read back, agreed between ranks there, and raised on every
+      rank with its exact step, before any checkpoint could hold the damaged weights;
+    - ``skip``: every step checks (one host sync and, with several ranks, one scalar all-reduce) that
+      all ranks' losses and the gradients are finite, and otherwise every rank skips the update.
+
     ``checkpointer`` (``engine.interrupt.StepCheckpointer``) may write a mid-epoch checkpoint after
     any step and stop the epoch there (``stopped`` in the result).
     """
+    if on_nonfinite not in NONFINITE_ACTIONS:
+        raise ConfigError(f"trainer.on_nonfinite='{on_nonfinite}' is not valid; use one of "
+                          f"{', '.join(NONFINITE_ACTIONS)}")
     model.train()
     device, scaler = precision.device, precision.scaler
     memory_format = torch.channels_last if channels_last else torch.preserve_format
+    totals = {"loss_sum": 0.0, "loss_steps": 0, "skipped_steps": 0, **(resumed or {})}
     pending: list[torch.Tensor] = []  # losses not yet read back
-    loss_total, images, interval_images, steps_run = 0.0, 0, 0, 0
+    images, interval_images, steps_run = 0, 0, 0
+    poisoned = nonfinite_steps_for_tests()
     start = last_log = time.perf_counter()
 
     def flush(step: int) -> None:
-        """Read the pending losses back: check them, add them up, log them."""
-        nonlocal loss_total, interval_images, last_log
+        """Read the pending losses back: check them (on every rank), add them up, log them."""
+        nonlocal interval_images, last_log
         if not pending:
             return
-        losses = torch.stack(pending).float().cpu()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            first = step - len(pending) + 1 + int(bad[0])
-            raise NonFiniteLossError(
-                f"non-finite loss ({losses[int(bad[0])].item()}) at step {first} (epoch {epoch}); "
-                "stopped without writing a checkpoint, the last good one is kept. "
-                "Lower optim.lr, set optim.clip_grad, or use trainer.amp=bf16 instead of fp16."
-            )
-        loss_total += losses.sum().item()
+        losses = torch.stack(pending).cpu().double()  # float32 values add up exactly in float64, in any grouping
+        finite = torch.isfinite(losses)
+        if on_nonfinite == "stop":
+            _stop_on_nonfinite(finite, step, epoch)
+        totals["loss_sum"] += losses[finite].sum().item()
+        totals["loss_steps"] += int(finite.sum())
         now = time.perf_counter()
         rate = interval_images * get_world_size() / max(now - last_log, 1e-9)
         lr = optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{losses.mean():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        mean = losses[finite].mean().item() if finite.any() else float("nan")
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
         if writer is not None:
-            writer.add_scalar("train/loss", losses.mean().item(), step)
+            writer.add_scalar("train/loss", mean, step)
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/images_per_s", rate, step)
         pending.clear()
@@ -117,17 +133,27 @@ def train_one_epoch(
             x, y = mixup(x, y)
         with precision.autocast():
             loss = criterion(model(x), y)
+        if step in poisoned:
+            loss = loss * float("nan")
         scaler.scale(loss).backward()
         if clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if on_nonfinite == "skip" and not _finite_on_every_rank(loss, model, scaler):
+            optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.update(scaler.get_scale())  # keep the scale; clear this step's unscale_ record
+            totals["skipped_steps"] += 1
+            log.warning("step %d (epoch %d): non-finite loss or gradient; update skipped on every rank "
+                        "(trainer.on_nonfinite=skip)", step, epoch)
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model.module if hasattr(model, "module") else model, step=step)
         if scheduler is not None:
             scheduler.step_update(step)
-        if ema is not None:
-            ema.update(model.module if hasattr(model, "module") else model, step=step)
         pending.append(loss.detach())
         images += x.shape[0]
         interval_images += x.shape[0]
@@ -136,13 +162,55 @@ def train_one_epoch(
             flush(step)
         if checkpointer is not None and checkpointer.due(skip_batches + i + 1):
             flush(step)  # a checkpoint holds only checked losses
-            checkpointer.save(skip_batches + i + 1, loss_total)
+            checkpointer.save({"batches": skip_batches + i + 1, **totals})
             if checkpointer.stop:
                 stopped = True
                 break
     elapsed = time.perf_counter() - start
-    return {"loss": loss_total / max(steps_run, 1), "loss_sum": loss_total, "steps": steps_run,
+    return {**totals, "loss": totals["loss_sum"] / max(totals["loss_steps"], 1), "steps": steps_run,
             "images_per_s": images * get_world_size() / elapsed, "skipped": skipped, "stopped": stopped}
+
+
+def _stop_on_nonfinite(finite: torch.Tensor, step: int, epoch: int) -> None:
+    """Raise NonFiniteLossError on every rank when any rank read back a non-finite loss.
+
+    ``finite`` holds the last ``len(finite)`` steps' checks, up to ``step``; every rank calls this
+    after the same steps, so the exchange cannot hang.
+    """
+    bad = (~finite).nonzero()
+    first = step - len(finite) + 1 + int(bad[0]) if len(bad) else None
+    reports = all_gather_objects(first)
+    if all(r is None for r in reports):
+        return
+    first = min(r for r in reports if r is not None)
+    where = f" on rank {', '.join(str(r) for r, s in enumerate(reports) if s == first)}" if len(reports) > 1 else ""
+    raise NonFiniteLossError(
+        f"non-finite loss at step {first} (epoch {epoch}){where}; every rank stopped without writing a "
+        "checkpoint, the last good one is kept. Lower optim.lr, set optim.clip_grad, use trainer.amp=bf16 "
+        "instead of fp16, or set trainer.on_nonfinite=skip."
+    )
+
+
+def _finite_on_every_rank(loss: torch.Tensor, model: nn.Module, scaler: torch.amp.GradScaler) -> bool:
+    """Whether every rank's loss and the (all-reduced, so shared) gradients are finite."""
+    ok = torch.isfinite(loss.detach()).all()
+    if not scaler.is_enabled():  # with fp16 the scaler skips overflowing gradients itself
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        ok = ok & torch.isfinite(nn.utils.get_total_norm(grads))
+    flag = ok.float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def nonfinite_steps_for_tests() -> set[int]:
+    """For the fault tests: ``ATTNLAB_TEST_NONFINITE_LOSS=RANK:STEP[,STEP...]`` makes that rank's loss
+    NaN at those (1-based, global) steps."""
+    setting = os.environ.get("ATTNLAB_TEST_NONFINITE_LOSS")
+    if not setting:
+        return set()
+    rank, steps = setting.split(":", 1)
+    return {int(s) for s in steps.split(",")} if int(rank) == get_rank() else set()
 
 
 @torch.no_grad()

@@ -193,6 +193,32 @@ def test_non_finite_loss_is_reported_with_its_step():
                         epoch=2, start_step=10, log_interval=4, progress=False)
 
 
+def test_skip_mode_drops_exactly_the_non_finite_update(monkeypatch):
+    """A NaN at step 3 with on_nonfinite=skip: the weights are those of training without that batch."""
+    data = TensorDataset(torch.randn(24, 3, 2, 2), torch.randint(0, 3, (24,)))
+    precision = build_precision("none", torch.device("cpu"))
+
+    def trained(loader, poison: str | None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if poison:
+            monkeypatch.setenv("ATTNLAB_TEST_NONFINITE_LOSS", poison)
+        else:
+            monkeypatch.delenv("ATTNLAB_TEST_NONFINITE_LOSS", raising=False)
+        stats = train_one_epoch(model, nn.CrossEntropyLoss(), loader, opt, precision, epoch=1,
+                                log_interval=2, progress=False, on_nonfinite="skip")
+        return model[1].weight.detach(), stats
+
+    weights, stats = trained(DataLoader(data, batch_size=4), poison="0:3")
+    without_batch_3 = torch.utils.data.Subset(data, [*range(8), *range(12, 24)])
+    expected, clean = trained(DataLoader(without_batch_3, batch_size=4), poison=None)
+    assert stats["skipped_steps"] == 1 and stats["steps"] == 6 and stats["loss_steps"] == 5
+    torch.testing.assert_close(weights, expected, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="trainer.on_nonfinite='ignore' is not valid; use one of stop, skip"):
+        train_one_epoch(nn.Linear(1, 1), None, [], None, precision, epoch=1, on_nonfinite="ignore")
+
+
 def test_bf16_autocast_and_channels_last_train_on_the_cpu():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 3)).to(memory_format=torch.channels_last)
@@ -291,6 +317,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(quick_config, 
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
     metrics = read_metrics(tmp_path)
     assert metrics["status"] == "failed" and "NonFiniteLossError" in metrics["error"]
+
+
+def test_skip_mode_finishes_the_run_and_counts_the_skipped_steps(quick_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_TEST_NONFINITE_LOSS", "0:2,6")  # 4 steps an epoch: one in each epoch
+    metrics = train(quick_config("trainer.epochs=2", "trainer.on_nonfinite=skip"), tmp_path)
+    assert metrics["status"] == "completed" and math.isfinite(metrics["train_loss"])
+    history = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["history"]
+    assert [h["skipped_steps"] for h in history] == [1, 1]
+    weights = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_sync_batch_norm_on_the_cpu_is_refused_with_the_alternative(quick_config, tmp_path):
+    with pytest.raises(ConfigError, match="trainer.sync_bn=true needs CUDA devices; on the CPU use model.norm=group"):
+        train(quick_config("trainer.sync_bn=true", "trainer.device=cpu"), tmp_path)
 
 
 def test_eval_only_without_a_checkpoint_is_a_config_error(quick_config, tmp_path):

@@ -42,12 +42,21 @@ class SkipCorrupt(Dataset):
 
 
 def collate_skipping(samples: list) -> Batch:
-    """Collate the readable samples; the unreadable ones' reasons ride along in ``Batch.skipped``."""
+    """Collate the readable samples; the unreadable ones' reasons ride along in ``Batch.skipped``.
+
+    A batch with no readable image is ``(None, None)``: evaluation passes over it (a small val shard's
+    last batch can be all unreadable), training refuses it (``require_images``).
+    """
     good = [s for s in samples if not isinstance(s, Skipped)]
     skipped = [s.reason for s in samples if isinstance(s, Skipped)]
-    if not good:
-        raise DataError(f"every image of a batch is unreadable, e.g. {skipped[0]}")
-    return Batch(default_collate(good), skipped)
+    return Batch(default_collate(good) if good else (None, None), skipped)
+
+
+def require_images(batch) -> None:
+    """Raise DataError for a training batch whose every image was unreadable (no step can be taken)."""
+    if batch[0] is None:
+        raise DataError(f"every image of a training batch is unreadable, e.g. {batch_skipped(batch)[0]}; "
+                        "remove or replace the files, or use a larger data.batch_size")
 
 
 def batch_skipped(batch) -> tuple[str, ...]:
@@ -55,4 +64,4 @@ def batch_skipped(batch) -> tuple[str, ...]:
     return getattr(batch, "skipped", ())
 
 
-__all__ = ["Batch", "SkipCorrupt", "Skipped", "batch_skipped", "collate_skipping"]
+__all__ = ["Batch", "SkipCorrupt", "Skipped", "batch_skipped", "collate_skipping", "require_images"]

@@ -403,7 +403,10 @@ def _log_evaluation(writer: SummaryWriter, result: dict, ema_result: dict | None
 def _log_attention_maps(writer: SummaryWriter, model: nn.Module, val_loader, data_cfg, count: int,
                         step: int) -> None:
     """The first ``count`` val images' attention maps and Grad-CAM, as TensorBoard images."""
-    images = next(iter(val_loader))[0][:count]
+    images = next((x for x, _ in val_loader if x is not None), None)  # skip all-unreadable batches
+    if images is None:
+        return
+    images = images[:count]
     device = next(model.parameters()).device
     mean = torch.tensor(data_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)

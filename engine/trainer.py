@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data.corrupt import batch_skipped
+from data.corrupt import batch_skipped, require_images
 from engine.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size
 from models.placement import ConfigError
 
@@ -124,6 +124,7 @@ def train_one_epoch(
     skipped: list[str] = []
     stopped = False
     for i, batch in enumerate(bar):
+        require_images(batch)
         x, y = batch
         skipped += batch_skipped(batch)
         step = start_step + skip_batches + i + 1  # 1-based number of this optimizer step
@@ -234,6 +235,8 @@ def evaluate(
     for batch in loader:
         x, y = batch
         skipped += batch_skipped(batch)
+        if x is None:  # every image of this batch was unreadable
+            continue
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         with precision.autocast():

@@ -163,3 +163,17 @@ def test_every_image_mode_loads_as_8_bit_rgb(tmp_path):
     assert np.asarray(load_rgb(str(tmp_path / "grey.png")))[0, 0].tolist() == [77, 77, 77]
     assert np.abs(np.asarray(load_rgb(str(tmp_path / "cmyk.jpg")))[0, 0].astype(int) - [255, 0, 0]).max() < 8
     assert np.asarray(load_rgb(str(tmp_path / "palette.png")))[0, 0].tolist() == [10, 200, 30]
+
+
+def test_a_batch_with_no_readable_image_is_passed_over_in_evaluation_and_refused_in_training():
+    from data.corrupt import Skipped, collate_skipping, require_images
+    from engine.trainer import build_precision, evaluate
+
+    empty = collate_skipping([Skipped("cannot read image a.png"), Skipped("cannot read image b.png")])
+    full = collate_skipping([(torch.zeros(3, 2, 2), 1), Skipped("cannot read image c.png")])
+    result = evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)), [full, empty],
+                      build_precision("none", torch.device("cpu")))
+    assert result["count"] == 1 and len(result["skipped"]) == 3
+    require_images(full)
+    with pytest.raises(DataError, match="every image of a training batch is unreadable, e.g. cannot read image a.png"):
+        require_images(empty)

@@ -393,3 +393,20 @@ def test_replicas_that_drift_apart_are_an_error(tmp_path):
     for rank in (0, 1):
         first, second = json.loads((tmp_path / f"result.{rank}").read_text())
         assert first == "agree" and "the ranks' weights differ after a test" in second
+
+
+@pytest.mark.slow
+def test_two_ranks_skip_corrupt_images_and_report_each_once(tmp_path):
+    from tests.test_engine import corrupt_folder
+
+    bad = corrupt_folder(tmp_path / "data")  # spread over both ranks' shards
+    proc = torchrun(2, "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.num_classes=2",
+                    "data.image_size=32", "data.stem=cifar", "data.num_workers=2", "data.batch_size=4",
+                    "trainer.epochs=2", "trainer.progress=false", "data.skip_corrupt=true",
+                    f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["skipped_images"] == 3
+    assert metrics["val_images"] == 16  # the readable val images, each counted once over the two ranks
+    listed = (tmp_path / "run" / "skipped_images.txt").read_text()
+    assert all(str(p) in listed for p in bad) and len(listed.splitlines()) == 3

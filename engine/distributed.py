@@ -67,6 +67,19 @@ def as_rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None
     )
 
 
+_cpu_group = None
+
+
+def cpu_group():
+    """A gloo group over every rank for small host-side exchanges (the default group when it is gloo)."""
+    global _cpu_group
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _cpu_group is None:  # collective: every rank reaches this at the same point
+        _cpu_group = dist.new_group(backend="gloo")
+    return _cpu_group
+
+
 def get_rank() -> int:
     """This process's rank, 0 when not distributed."""
     return dist.get_rank() if dist.is_initialized() else 0
@@ -140,5 +153,7 @@ def check_replicas_agree(model: torch.nn.Module, when: str) -> None:
 
 def cleanup() -> None:
     """Leave the process group if one was joined."""
+    global _cpu_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None

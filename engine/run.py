@@ -239,7 +239,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     if main:
                         save_checkpoint(training_state(epoch - 1, {"epoch": epoch, **progress}), last_path)
 
-                checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals, save_partial, device)
+                checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals, save_partial)
                 stats = train_one_epoch(
                     model, criterion, train_loader, optimizer, precision, epoch,
                     start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
@@ -248,6 +248,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     skip_batches=skip, checkpointer=checkpointer, on_nonfinite=tcfg.on_nonfinite,
                     resumed=resumed,
                 )
+                checkpointer.close()
                 if stats["stopped"]:
                     raise RunInterrupted(
                         f"{signals.received or 'a signal on another rank'}: stopped after step "

@@ -38,6 +38,9 @@ def main(cfg: DictConfig) -> None:
         metrics = train(cfg, run_dir)
     except RunInterrupted as e:
         log.warning("%s", e)
+        if e.handoff is not None:  # e.g. submitit's handler, which requeues this SLURM job
+            handler, signum = e.handoff
+            handler(signum, None)
         sys.exit(1)  # non-zero: torchrun --max-restarts and SLURM requeue treat the run as unfinished
     except USER_ERRORS as e:
         log.error("error: %s", short_message(e))

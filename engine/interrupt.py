@@ -12,7 +12,15 @@ STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, 
 
 
 class RunInterrupted(Exception):
-    """The run stopped on a signal after writing a checkpoint; running the same command resumes it."""
+    """The run stopped on a signal after writing a checkpoint; running the same command resumes it.
+
+    ``handoff``: ``(handler, signum)`` of whoever handled the signal before the run (submitit's
+    requeue-on-preemption under SLURM), to be called once the run has stopped.
+    """
+
+    def __init__(self, message: str, handoff: tuple[Callable, int] | None = None):
+        super().__init__(message)
+        self.handoff = handoff
 
 
 class StopSignals:
@@ -29,6 +37,17 @@ class StopSignals:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
+
+    def handoff(self) -> tuple[Callable, int] | None:
+        """The received signal's previous handler with the signal, when that handler is someone's own
+        Python function (submitit's requeue), not a default; None otherwise."""
+        if self.received is None:
+            return None
+        sig = signal.Signals[self.received]
+        previous = self._previous.get(sig)
+        if callable(previous) and previous is not signal.default_int_handler:
+            return previous, int(sig)
+        return None
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -253,7 +253,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     raise RunInterrupted(
                         f"{signals.received or 'a signal on another rank'}: stopped after step "
                         f"{(epoch - 1) * steps_per_epoch + skip + stats['steps']} (epoch {epoch}) with a "
-                        f"checkpoint in {last_path}; run the same command to resume"
+                        f"checkpoint in {last_path}; run the same command to resume", handoff=signals.handoff()
                     )
                 check_replicas_agree(raw_model, f"epoch {epoch}")
                 result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)

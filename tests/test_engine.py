@@ -619,3 +619,26 @@ def test_fine_tuning_with_a_new_head_is_explicit(tmp_path):
     other = build_model({"name": "resnet20"}, {"name": "cbam"}, num_classes=2)
     with pytest.raises(CheckpointError, match="does not fit this model.*(missing|unexpected)"):
         load_init_weights(other, tmp_path / "c10.pt", new_head=True)  # another architecture: refused
+
+
+def test_a_stop_signal_is_handed_on_to_the_handler_it_displaced():
+    """Under SLURM, submitit's SIGUSR1 handler requeues the job: it must still run once the run stopped."""
+    import os
+    import signal
+
+    from engine.interrupt import StopSignals
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    try:
+        with StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert calls == [] and signals.received == "SIGUSR1"  # recorded, not acted on, during the run
+        handler, signum = signals.handoff()
+        handler(signum, None)
+        assert calls == [signal.SIGUSR1]
+        with StopSignals() as signals:  # Ctrl-C's default handler is not handed anything
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == "SIGINT" and signals.handoff() is None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -1,5 +1,7 @@
 """Data sets, transforms and loaders, built from the ``data`` config."""
+import logging
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -11,17 +13,27 @@ from data.errors import DataError
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
 from data.multilabel import MultiLabelCSV
 from data.samplers import EpochOrder, ShardSampler, balanced_indices
-from data.seeded import PerSampleSeed
-from data.transforms import cifar_transform, digits_transform, imagenet_transform
+from data.in_memory import NotResident, in_memory_setting, recipe_blocker, resident_loaders
+from data.seeded import KeyedSamples
+from data.transforms import (cifar_crop_flip, cifar_transform, digits_crop_flip, digits_transform,
+                             imagenet_transform)
 from engine.config import DataConfig
+from models.placement import ConfigError
+
+log = logging.getLogger("attnlab")
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder", "multilabel_csv")
 
 
 def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
-    """The train or val split named by ``cfg.name``, transformed, before any subsetting."""
+    """The train or val split named by ``cfg.name``, before any subsetting.
+
+    Val images come transformed (the eval transform is deterministic); train images come as decoded,
+    since their augmentation needs each sample's (seed, epoch, index): ``build_loaders`` adds it.
+    """
+    transform = None if train else eval_transform(cfg)
     if cfg.name == "digits":
-        return DigitsDataset(train, cfg.image_size, digits_transform(cfg, train))
+        return DigitsDataset(train, cfg.image_size, transform)
     if cfg.name not in DATASETS:
         raise DataError(f"data: unknown data set '{cfg.name}'; valid names: {', '.join(DATASETS)}")
     if not cfg.root:
@@ -29,7 +41,6 @@ def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
     root = Path(cfg.root).expanduser()
     split = "train" if train else "val"
     if cfg.name in ("cifar10", "cifar100"):
-        transform = cifar_transform(cfg, train)
         if has_folder_layout(root):
             return image_folder(root, split, transform)
         return torchvision_cifar(cfg.name, root, train, cfg.download, transform)
@@ -38,8 +49,25 @@ def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
     if cfg.name == "multilabel_csv":
         if not cfg.classes:
             raise DataError("data=multilabel_csv needs data.classes=[name, ...] (the label vocabulary)")
-        return MultiLabelCSV(root, split, cfg.classes, imagenet_transform(cfg, train))
-    return image_folder(root, split, imagenet_transform(cfg, train))
+        return MultiLabelCSV(root, split, cfg.classes, transform)
+    return image_folder(root, split, transform)
+
+
+def _recipe(cfg: DataConfig):
+    """The transform factory of ``cfg.name``'s recipe."""
+    if cfg.name == "digits":
+        return digits_transform
+    return cifar_transform if cfg.name in ("cifar10", "cifar100") else imagenet_transform
+
+
+def eval_transform(cfg: DataConfig):
+    """The deterministic eval transform of the data set's recipe."""
+    return _recipe(cfg)(cfg, train=False)
+
+
+def train_transform(cfg: DataConfig):
+    """The recipe's training transform, called as ``transform(image, seed, epoch, index)``."""
+    return _recipe(cfg)(cfg, train=True)
 
 
 def _check_classes(cfg: DataConfig, train_set: Dataset, val_set: Dataset) -> None:
@@ -70,25 +98,50 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     return train_set, val_set
 
 
+def check_in_memory(cfg: DataConfig) -> None:
+    """Refuse ``data.in_memory=true`` with a recipe the tensor path cannot run (before anything is built)."""
+    blocker = recipe_blocker(cfg)
+    if in_memory_setting(cfg.in_memory) == "true" and blocker:
+        raise ConfigError(f"data.in_memory=true but {blocker}; set data.in_memory=auto (or false)")
+
+
 def build_loaders(
     cfg: DataConfig, train_set: Dataset, val_set: Dataset, rank: int = 0, world_size: int = 1,
-    drop_last: bool = False, seed: int = 0,
-) -> tuple[DataLoader, DataLoader]:
+    drop_last: bool = False, seed: int = 0, device: torch.device | str = "cpu",
+) -> tuple[Iterable, Iterable]:
     """Loaders over the two splits; ``data.batch_size`` is per process.
 
-    The train order is set each epoch by ``set_train_epoch``, so an epoch's order depends
-    only on (seed, epoch) and a resumed run sees the same batches as an uninterrupted one.
+    With ``data.in_memory`` (auto: when the recipe and the images allow it) both splits are decoded
+    once onto ``device`` and batches are made there; otherwise per-image loading in worker
+    processes (the PIL path). The train order is set each epoch by ``set_train_epoch``, so an
+    epoch's order depends only on (seed, epoch) and a resumed run sees the same batches as an
+    uninterrupted one; each sample's augmentation depends only on (seed, epoch, index).
     """
+    check_in_memory(cfg)
+    order = EpochOrder(len(train_set), seed, rank, world_size)
+    val_order = ShardSampler(len(val_set), rank, world_size)
+    setting = in_memory_setting(cfg.in_memory)
+    reason = "data.in_memory=false" if setting == "false" else recipe_blocker(cfg)
+    if reason is None:
+        crop = digits_crop_flip(cfg) if cfg.name == "digits" else cifar_crop_flip(cfg)
+        try:
+            return resident_loaders(train_set, val_set, cfg, torch.device(device), order, val_order, crop, seed,
+                                    drop_last)
+        except NotResident as e:
+            if setting == "true":
+                raise DataError(f"data.in_memory=true but {e}; set data.in_memory=auto (or false)") from None
+            reason = str(e)
+    if setting == "auto":
+        log.info("data: per-image loading in %d worker(s) (data.in_memory=auto: %s)", cfg.num_workers, reason)
     pin = torch.cuda.is_available()
     common = {"num_workers": cfg.num_workers, "pin_memory": pin, "persistent_workers": cfg.num_workers > 0,
               "collate_fn": collate_skipping if cfg.skip_corrupt else None,
-              "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None}
-    order = EpochOrder(len(train_set), seed, rank, world_size)
-    train = DataLoader(PerSampleSeed(train_set, seed), cfg.batch_size, sampler=order, drop_last=drop_last, **common)
-    val = DataLoader(
-        val_set, cfg.eval_batch_size or 2 * cfg.batch_size,
-        sampler=ShardSampler(len(val_set), rank, world_size), **common,
-    )
+              "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None,
+              # its own generator: each epoch's worker base seed is not drawn from the global RNG
+              "generator": torch.Generator().manual_seed(seed)}
+    keyed = KeyedSamples(train_set, train_transform(cfg), seed)
+    train = DataLoader(keyed, cfg.batch_size, sampler=order, drop_last=drop_last, **common)
+    val = DataLoader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, sampler=val_order, **common)
     return train, val
 
 
@@ -108,4 +161,4 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-__all__ = ["DataError", "build_datasets", "build_loaders", "set_train_epoch"]
+__all__ = ["DataError", "build_datasets", "build_loaders", "check_in_memory", "set_train_epoch", "train_transform"]

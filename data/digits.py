@@ -3,8 +3,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 CLASSES = [str(d) for d in range(10)]
@@ -18,6 +16,9 @@ class DigitsDataset(Dataset):
     """
 
     def __init__(self, train: bool, image_size: int = 32, transform: Callable | None = None):
+        from sklearn.datasets import load_digits  # scikit-learn takes a second to import: only for digits
+        from sklearn.model_selection import train_test_split
+
         bunch = load_digits()
         images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # N, 1, 8, 8
         train_idx, val_idx = train_test_split(

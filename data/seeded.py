@@ -1,30 +1,24 @@
-"""Per-sample augmentation randomness: a function of (seed, epoch, index), not of the loader's workers."""
-import random
-
-import numpy as np
-import torch
+"""The training set as the loader reads it: keyed by (index, epoch), augmented from (seed, epoch, index)."""
 from torch.utils.data import Dataset
 
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample of one epoch."""
-    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2**63 - 1)
+from data.corrupt import Skipped
 
 
-class PerSampleSeed(Dataset):
-    """Takes ``(index, epoch)`` keys (from ``EpochOrder``) and seeds torch, NumPy and Python's RNGs
-    from (seed, epoch, index) before loading, so the sample is the same in any worker and after a resume."""
+class KeyedSamples(Dataset):
+    """Takes ``(index, epoch)`` keys (from ``EpochOrder``) and augments sample ``index`` with
+    ``transform(image, seed, epoch, index)``, so the sample is the same in any worker, on any rank and
+    after a resume, and no process-global RNG is touched."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        s = sample_seed(self.seed, epoch, index)
-        torch.manual_seed(s)
-        np.random.seed(s % 2**32)
-        random.seed(s)
-        return self.dataset[index]
+        sample = self.dataset[index]
+        if isinstance(sample, Skipped):  # data.skip_corrupt: an unreadable image passes through to the collate
+            return sample
+        image, target = sample
+        return self.transform(image, self.seed, epoch, index), target

@@ -1,45 +1,168 @@
-"""Train and eval transforms: the CIFAR recipe, the ImageNet recipe (timm), and digits."""
-from torchvision import transforms as T
+"""Train and eval transforms: the CIFAR recipe, the ImageNet recipe (timm), and digits.
+
+Training transforms are called as ``transform(image, seed, epoch, index)``: their crops and flips come
+from the per-sample randomness contract (``data.randomness``), and library augmentations (timm's
+RandAugment, ColorJitter, RandomErasing) run on the sample's own seed. Eval transforms are plain
+deterministic callables.
+"""
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
 
+from data.randomness import crop_flip_params, library_rngs, resized_crop_boxes, sample_seed
 from engine.config import DataConfig
 
+CIFAR_PADDING, DIGITS_PADDING = 4, 2  # He et al. 2016's pad-4 crop; digits shift by at most 2 pixels
 
-def cifar_transform(cfg: DataConfig, train: bool) -> T.Compose:
+
+def _normalize(cfg: DataConfig) -> T.Normalize:
+    """Normalize from plain floats: built from OmegaConf lists, every call would probe them (10x slower)."""
+    return T.Normalize(tuple(float(m) for m in cfg.mean), tuple(float(s) for s in cfg.std))
+
+
+def image_size_of(image: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """(height, width) of a PIL image or a (C, H, W) tensor."""
+    return (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
+
+
+class CropFlip:
+    """Zero-pad by ``padding``, crop ``size`` at a random offset, flip with probability 1/2 (if ``flip``).
+
+    The same parameters apply to one image (PIL or tensor, the PIL path) or to a whole batch of
+    tensors at once (the tensor-resident path); ``crop_flip_params`` draws them from the contract.
+    """
+
+    def __init__(self, size: int, padding: int, flip: bool):
+        self.size, self.padding, self.flip = size, padding, flip
+
+    def params(self, seed: int, epoch: int, indices, height: int, width: int):
+        """Per sample (top, left, flipped) for images of ``height`` x ``width``."""
+        return crop_flip_params(seed, epoch, indices, height, width, self.size, self.padding, self.flip)
+
+    def one(self, image, top: int, left: int, flipped: bool):
+        """Apply to one PIL image or (C, H, W) tensor."""
+        if self.padding:
+            image = TF.pad(image, self.padding)
+        image = TF.crop(image, int(top), int(left), self.size, self.size)
+        return TF.hflip(image) if flipped else image
+
+    def batch(self, images: torch.Tensor, tops: np.ndarray, lefts: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """Apply to (B, C, H, W) images of any dtype on any device; returns (B, C, size, size)."""
+        device, p = images.device, self.padding
+        padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
+        span = torch.arange(self.size, device=device)
+        rows = torch.as_tensor(tops, device=device)[:, None] + span  # B, size
+        cols = torch.as_tensor(lefts, device=device)[:, None] + span
+        flipped = torch.as_tensor(flips, device=device)[:, None]
+        cols = torch.where(flipped, cols.flip(1), cols)  # a flip reads the crop's columns backwards
+        b = torch.arange(len(images), device=device)[:, None, None, None]
+        c = torch.arange(images.shape[1], device=device)[None, :, None, None]
+        return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TrainTransform:
+    """One training sample: the contract's crop (and flip), then library augmentations on its own seed,
+    then conversion to a normalised tensor."""
+
+    def __init__(self, crop: Callable, library: list[Callable], finish: list[Callable], after: list[Callable]):
+        self.crop, self.library, self.finish, self.after = crop, library, finish, after
+
+    def __call__(self, image, seed: int, epoch: int, index: int) -> torch.Tensor:
+        """Returns the (C, size, size) float tensor of sample ``index`` in ``epoch``."""
+        image = self.crop(image, seed, epoch, index)
+        drawing = bool(self.library or self.after)
+        with library_rngs(sample_seed(seed, epoch, index)) if drawing else nullcontext():
+            for op in [*self.library, *self.finish, *self.after]:
+                image = op(image)
+        return image
+
+
+def _crop_flip_step(crop_flip: CropFlip) -> Callable:
+    """The contract's pad-crop-flip as a per-sample step of a TrainTransform."""
+    def step(image, seed: int, epoch: int, index: int):
+        height, width = image_size_of(image)
+        (top,), (left,), (flipped,) = crop_flip.params(seed, epoch, [index], height, width)
+        return crop_flip.one(image, top, left, flipped)
+    return step
+
+
+def cifar_crop_flip(cfg: DataConfig) -> CropFlip:
+    """He et al. 2016's pad-4 random crop and horizontal flip."""
+    return CropFlip(cfg.image_size, CIFAR_PADDING, flip=True)
+
+
+def cifar_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
     """Pad-4 random crop and flip for training (He et al. 2016), plus optional timm augmentation."""
-    post = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    post = [T.ToTensor(), _normalize(cfg)]
     if not train:
         return T.Compose(post)
-    ops = [T.RandomCrop(cfg.image_size, padding=4), T.RandomHorizontalFlip()]
+    library = []
     if cfg.randaugment:
         hparams = {
             "translate_const": int(cfg.image_size * 0.45),
             "img_mean": tuple(round(255 * m) for m in cfg.mean),
         }
-        ops.append(rand_augment_transform(cfg.randaugment, hparams))
-    ops += post
-    if cfg.reprob > 0:
-        ops.append(RandomErasing(cfg.reprob, mode="pixel", device="cpu"))
-    return T.Compose(ops)
+        library.append(rand_augment_transform(cfg.randaugment, hparams))
+    after = [RandomErasing(cfg.reprob, mode="pixel", device="cpu")] if cfg.reprob > 0 else []
+    return TrainTransform(_crop_flip_step(cifar_crop_flip(cfg)), library, post, after)
 
 
-def imagenet_transform(cfg: DataConfig, train: bool):
-    """RandomResizedCrop + flip for training; resize to size/crop_pct + center crop for eval (timm)."""
-    return create_transform(
+def digits_crop_flip(cfg: DataConfig) -> CropFlip:
+    """A random shift of at most two pixels; no flip (digits are not symmetric)."""
+    return CropFlip(cfg.image_size, DIGITS_PADDING, flip=False)
+
+
+def digits_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
+    """Digits are tensors already: a small random shift for training, then normalisation."""
+    if not train:
+        return T.Compose([_normalize(cfg)])
+    return TrainTransform(_crop_flip_step(digits_crop_flip(cfg)), [], [_normalize(cfg)], [])
+
+
+class ResizedCropFlip:
+    """RandomResizedCrop to ``size`` and a horizontal flip, the box and flip from the contract."""
+
+    def __init__(self, size: int, interpolation: str, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.interpolation = T.InterpolationMode(interpolation)
+
+    def __call__(self, image, seed: int, epoch: int, index: int):
+        """Crop, resize and perhaps flip one PIL image or (C, H, W) tensor."""
+        height, width = image_size_of(image)
+        top, left, h, w, flip = (v[0] for v in resized_crop_boxes(
+            seed, epoch, [index], [height], [width], self.scale, self.ratio))
+        image = TF.resized_crop(image, int(top), int(left), int(h), int(w), [self.size, self.size],
+                                self.interpolation, antialias=True)
+        return TF.hflip(image) if flip else image
+
+
+def imagenet_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
+    """RandomResizedCrop + flip for training, then timm's colour jitter or RandAugment, tensor, normalise,
+    random erasing; resize to size/crop_pct + center crop for eval (timm's recipe)."""
+    parts = create_transform(
         input_size=cfg.image_size,
         is_training=train,
         auto_augment=cfg.randaugment if train else None,
         re_prob=cfg.reprob if train else 0.0,
         interpolation=cfg.interpolation,
-        mean=tuple(cfg.mean),
-        std=tuple(cfg.std),
+        mean=tuple(float(m) for m in cfg.mean),
+        std=tuple(float(s) for s in cfg.std),
         crop_pct=cfg.crop_pct,
+        separate=train,
     )
-
-
-def digits_transform(cfg: DataConfig, train: bool) -> T.Compose:
-    """Digits are tensors already: a small random shift (no flip: digits are not symmetric)."""
-    ops = [T.RandomCrop(cfg.image_size, padding=2)] if train else []
-    return T.Compose([*ops, T.Normalize(cfg.mean, cfg.std)])
+    if not train:
+        return parts
+    _, secondary, final = parts  # timm's own crop and flip (global RNG) give way to the contract's
+    finish = list(final.transforms)
+    erasing = [op for op in finish if isinstance(op, RandomErasing)]
+    finish = [op for op in finish if not isinstance(op, RandomErasing)]
+    return TrainTransform(ResizedCropFlip(cfg.image_size, cfg.interpolation), list(secondary.transforms),
+                          finish, erasing)

@@ -26,7 +26,8 @@ class DataConfig:
     download: bool = False  # torchvision format only: fetch the archive when it is absent
     batch_size: int = 128  # per process
     eval_batch_size: Optional[int] = None  # defaults to 2 x batch_size
-    num_workers: int = 4
+    num_workers: int = 4  # PIL path: loader processes; in memory: processes that decode the files once
+    in_memory: str = "auto"  # auto | true | false: decode once onto the device and augment whole batches there
     max_train_samples: Optional[int] = None  # class-balanced subset
     max_val_samples: Optional[int] = None
     # timm augmentation, all off by default

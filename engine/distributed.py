@@ -80,6 +80,25 @@ def cpu_group():
     return _cpu_group
 
 
+def agree_at_sync_point(stop: bool, first_nonfinite_step: int | None) -> tuple[bool, tuple[int, int] | None]:
+    """What every rank learns at a sync point of the step loop, in one all-reduce over the CPU group:
+    whether any rank wants to stop, and the first step (with its lowest rank) whose loss was not finite.
+
+    Returns ``(stop, (step, rank) or None)``; without a process group, this process's own facts.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return stop, (None if first_nonfinite_step is None else (first_nonfinite_step, 0))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # MAX of the negated (step * world + rank): the earliest step, and the lowest rank that saw it there
+    bad = -float("inf") if first_nonfinite_step is None else -float(first_nonfinite_step * world + rank)
+    flags = torch.tensor([float(stop), bad], dtype=torch.float64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=cpu_group())
+    if flags[1].item() == -float("inf"):
+        return bool(flags[0].item()), None
+    code = int(-flags[1].item())
+    return bool(flags[0].item()), (code // world, code % world)
+
+
 def get_rank() -> int:
     """This process's rank, 0 when not distributed."""
     return dist.get_rank() if dist.is_initialized() else 0

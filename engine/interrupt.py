@@ -2,11 +2,7 @@
 import signal
 from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
-
 from engine.checkpoint import pause_for_tests
-from engine.distributed import cpu_group
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -55,41 +51,24 @@ class StopSignals:
 
 
 class StepCheckpointer:
-    """After each step: is a mid-epoch checkpoint due (every ``every`` steps, or a signal on any rank)?
+    """Mid-epoch checkpoints: every ``every`` steps, and when a stop signal arrived on any rank.
 
-    With several ranks each step sends this rank's signal flag in an asynchronous all-reduce over a
-    CPU (gloo) group and reads the previous step's result, so the GPU never waits for it and every
-    rank stops after the same step: the step after the signal arrived.
+    The engine asks at its sync points (``train_one_epoch``), where the ranks exchange their signal
+    flags in the same all-reduce as their non-finite-loss reports, so every rank stops after the
+    same step.
     """
 
     def __init__(self, every: int | None, signals: StopSignals, save: Callable[[dict], None]):
         self.every, self.signals, self._save = every, signals, save
-        self.stop = False
-        self._group = cpu_group() if dist.is_initialized() and dist.get_world_size() > 1 else None
-        self._exchange = None  # the previous step's (work, flag)
 
     def due(self, batches_done: int) -> bool:
-        """Decide after a step; sets ``stop`` when a stop signal arrived here or on another rank."""
-        requested = self.signals.received is not None
-        if self._group is not None:
-            requested = self._exchanged()
-            flag = torch.tensor([float(self.signals.received is not None)])
-            self._exchange = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
-        self.stop = requested
-        return requested or bool(self.every and batches_done % self.every == 0)
+        """Whether a periodic checkpoint falls after ``batches_done`` of the epoch's steps."""
+        return bool(self.every and batches_done % self.every == 0)
 
-    def _exchanged(self) -> bool:
-        """Whether any rank had a signal by the previous step (False at the first step)."""
-        if self._exchange is None:
-            return False
-        work, flag = self._exchange
-        work.wait()
-        self._exchange = None
-        return bool(flag.item())
-
-    def close(self) -> None:
-        """Finish the last exchange (every rank calls this after its epoch's last step)."""
-        self._exchanged()
+    @property
+    def requested(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self.signals.received is not None
 
     def save(self, progress: dict) -> None:
         """Write the mid-epoch checkpoint; ``progress``: the epoch's ``batches`` done and loss totals."""

@@ -1,8 +1,21 @@
 """The run's metrics.json, rewritten atomically so a reader never sees half a file."""
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+_IMPORTED_AT = time.time()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere since this module's import)."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22: start time in clock ticks after boot
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time() - _IMPORTED_AT
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -14,19 +14,17 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 
-from data import build_datasets, build_loaders, set_train_epoch
+from data import build_datasets, build_loaders, check_in_memory, set_train_epoch
 from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.complexity import count_macs, count_params
 from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
                                 broadcast_object, check_replicas_agree, cleanup, init_distributed)
 from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
-from engine.metrics import write_json
+from engine.metrics import process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
-from engine.tensorboard import log_hparams
+from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
-from engine.visualize import log_attention_images
 from models import build_model
 from models.placement import ConfigError
 
@@ -138,6 +136,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # or any data is read.
     model, summary = _build_checked_model(cfg)
     check_sync_bn(tcfg.sync_bn, device)
+    check_in_memory(cfg.data)
     rank, world_size = init_distributed(device, tcfg.dist_timeout_s)
     main = rank == 0
     if rank:
@@ -150,7 +149,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
     criterion, mixup = _build_criterion(cfg.data)
     train_loader, val_loader = build_loaders(  # mixup pairs samples within a batch: keep batches full
-        cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed
+        cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed, device=device
     )
     log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
 
@@ -191,7 +190,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         log.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
                  f", then {partial['batches']} steps of epoch {start_epoch}" if partial["batches"] else "")
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
+    writer = LazyWriter(str(run_dir / "tensorboard")) if main else None
     metrics: dict[str, Any] = {"status": "running", "epoch": start_epoch - 1, "epochs": tcfg.epochs, **summary}
     if history:
         metrics.update(history[-1])
@@ -224,6 +223,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 "config": OmegaConf.to_container(cfg, resolve=True),
             }
 
+        metrics["startup_s"] = round(process_age_s(), 2)  # the command to the first step: imports, data, model
+        log.info("ready to train %.1f s after the command started", metrics["startup_s"])
         with StopSignals() as signals:
             for epoch in range(start_epoch, tcfg.epochs + 1):
                 resumed = _rank_share(partial, rank, world_size) if epoch == start_epoch else {"batches": 0}
@@ -248,7 +249,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     skip_batches=skip, checkpointer=checkpointer, on_nonfinite=tcfg.on_nonfinite,
                     resumed=resumed,
                 )
-                checkpointer.close()
                 if stats["stopped"]:
                     raise RunInterrupted(
                         f"{signals.received or 'a signal on another rank'}: stopped after step "
@@ -392,7 +392,7 @@ def _restore(state: dict[str, Any], path: Path | str, model: nn.Module, ema: nn.
     set_rng_state(state["rng"])
 
 
-def _log_evaluation(writer: SummaryWriter, result: dict, ema_result: dict | None, step: int) -> None:
+def _log_evaluation(writer: LazyWriter, result: dict, ema_result: dict | None, step: int) -> None:
     """The val/* TensorBoard scalars of one evaluation."""
     writer.add_scalar("val/top1_err", result["top1_err"], step)
     writer.add_scalar("val/top5_err", result["top5_err"], step)
@@ -401,13 +401,15 @@ def _log_evaluation(writer: SummaryWriter, result: dict, ema_result: dict | None
         writer.add_scalar("val/ema_top1_err", ema_result["top1_err"], step)
 
 
-def _log_attention_maps(writer: SummaryWriter, model: nn.Module, val_loader, data_cfg, count: int,
+def _log_attention_maps(writer: LazyWriter, model: nn.Module, val_loader, data_cfg, count: int,
                         step: int) -> None:
     """The first ``count`` val images' attention maps and Grad-CAM, as TensorBoard images."""
     images = next((x for x, _ in val_loader if x is not None), None)  # skip all-unreadable batches
     if images is None:
         return
-    images = images[:count]
+    from engine.visualize import log_attention_images  # captum and matplotlib: imported only when maps are asked for
+
+    images = images[:count].cpu()
     device = next(model.parameters()).device
     mean = torch.tensor(data_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)
@@ -423,7 +425,7 @@ def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None
     return out
 
 
-def _finish(metrics: dict[str, Any], run_dir: Path, main: bool, writer: SummaryWriter | None,
+def _finish(metrics: dict[str, Any], run_dir: Path, main: bool, writer: LazyWriter | None,
             cfg: DictConfig) -> dict[str, Any]:
     """Write the final metrics.json and the HParams summary; return the metrics."""
     if main:

@@ -9,11 +9,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data.corrupt import batch_skipped, require_images
-from engine.distributed import all_gather_objects, all_reduce_sum, get_rank, get_world_size
+from engine.distributed import agree_at_sync_point, all_reduce_sum, get_rank, get_world_size
 from models.placement import ConfigError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,7 +61,7 @@ def train_one_epoch(
     clip_grad: float | None = None,
     channels_last: bool = False,
     log_interval: int = 20,
-    writer: SummaryWriter | None = None,
+    writer=None,  # a SummaryWriter (or engine.tensorboard.LazyWriter)
     progress: bool = True,
     skip_batches: int = 0,
     checkpointer=None,
@@ -74,16 +73,21 @@ def train_one_epoch(
     ``start_step`` is the number of optimizer steps taken before this epoch (the schedule and the
     TensorBoard x-axis count steps); ``skip_batches`` how many of this epoch's steps a resumed run
     already took (the loader starts after them) and ``resumed`` their totals (a mid-epoch checkpoint's
-    ``partial``). The loss is read back only every ``log_interval`` steps, so the GPU never waits on
-    the host. A non-finite loss on any rank, with ``on_nonfinite``:
+    ``partial``).
 
-    - ``stop``: found when the losses are read back, agreed between ranks there, and raised on every
-      rank with its exact step, before any checkpoint could hold the damaged weights;
+    The host waits for the device only at sync points: every ``log_interval`` steps, at a periodic
+    checkpoint and at the epoch's end. There the losses are read back and the ranks exchange, in one
+    small all-reduce, their stop signals and the first non-finite loss any of them saw. A non-finite
+    loss, with ``on_nonfinite``:
+
+    - ``stop``: raised on every rank with its exact step at the sync point that finds it, before any
+      checkpoint could hold the damaged weights;
     - ``skip``: every step checks (one host sync and, with several ranks, one scalar all-reduce) that
       all ranks' losses and the gradients are finite, and otherwise every rank skips the update.
 
-    ``checkpointer`` (``engine.interrupt.StepCheckpointer``) may write a mid-epoch checkpoint after
-    any step and stop the epoch there (``stopped`` in the result).
+    ``checkpointer`` (``engine.interrupt.StepCheckpointer``) writes a mid-epoch checkpoint at its
+    periodic steps, and on a stop signal (at the next sync point; in a single process at once), then
+    stops the epoch there (``stopped`` in the result).
     """
     if on_nonfinite not in NONFINITE_ACTIONS:
         raise ConfigError(f"trainer.on_nonfinite='{on_nonfinite}' is not valid; use one of "
@@ -94,18 +98,19 @@ def train_one_epoch(
     totals = {"loss_sum": 0.0, "loss_steps": 0, "skipped_steps": 0, **(resumed or {})}
     pending: list[torch.Tensor] = []  # losses not yet read back
     images, interval_images, steps_run = 0, 0, 0
+    single_process = get_world_size() == 1
     poisoned = nonfinite_steps_for_tests()
     start = last_log = time.perf_counter()
 
-    def flush(step: int) -> None:
-        """Read the pending losses back: check them (on every rank), add them up, log them."""
+    def flush(step: int) -> int | None:
+        """Read the pending losses back, add them up, log them; returns the first non-finite one's step."""
         nonlocal interval_images, last_log
         if not pending:
-            return
+            return None
         losses = torch.stack(pending).cpu().double()  # float32 values add up exactly in float64, in any grouping
         finite = torch.isfinite(losses)
-        if on_nonfinite == "stop":
-            _stop_on_nonfinite(finite, step, epoch)
+        bad = (~finite).nonzero()
+        first_bad = step - len(losses) + 1 + int(bad[0]) if len(bad) and on_nonfinite == "stop" else None
         totals["loss_sum"] += losses[finite].sum().item()
         totals["loss_steps"] += int(finite.sum())
         now = time.perf_counter()
@@ -119,6 +124,7 @@ def train_one_epoch(
             writer.add_scalar("train/images_per_s", rate, step)
         pending.clear()
         interval_images, last_log = 0, now
+        return first_bad
 
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     skipped: list[str] = []
@@ -159,12 +165,17 @@ def train_one_epoch(
         images += x.shape[0]
         interval_images += x.shape[0]
         steps_run += 1
-        if len(pending) == log_interval or i + 1 == len(loader):
-            flush(step)
-        if checkpointer is not None and checkpointer.due(skip_batches + i + 1):
-            flush(step)  # a checkpoint holds only checked losses
-            checkpointer.save({"batches": skip_batches + i + 1, **totals})
-            if checkpointer.stop:
+        batches_done = skip_batches + i + 1
+        checkpoint_due = checkpointer is not None and checkpointer.due(batches_done)
+        signalled = checkpointer is not None and checkpointer.requested
+        # the ranks meet at the same steps; a single process needs no meeting to act on a signal
+        if len(pending) == log_interval or i + 1 == len(loader) or checkpoint_due or (single_process and signalled):
+            stop, nonfinite = agree_at_sync_point(signalled, flush(step))
+            if nonfinite is not None:
+                _raise_nonfinite(*nonfinite, epoch)
+            if checkpoint_due or stop:  # a checkpoint holds only checked losses
+                checkpointer.save({"batches": batches_done, **totals})
+            if stop:
                 stopped = True
                 break
     elapsed = time.perf_counter() - start
@@ -172,21 +183,11 @@ def train_one_epoch(
             "images_per_s": images * get_world_size() / elapsed, "skipped": skipped, "stopped": stopped}
 
 
-def _stop_on_nonfinite(finite: torch.Tensor, step: int, epoch: int) -> None:
-    """Raise NonFiniteLossError on every rank when any rank read back a non-finite loss.
-
-    ``finite`` holds the last ``len(finite)`` steps' checks, up to ``step``; every rank calls this
-    after the same steps, so the exchange cannot hang.
-    """
-    bad = (~finite).nonzero()
-    first = step - len(finite) + 1 + int(bad[0]) if len(bad) else None
-    reports = all_gather_objects(first)
-    if all(r is None for r in reports):
-        return
-    first = min(r for r in reports if r is not None)
-    where = f" on rank {', '.join(str(r) for r, s in enumerate(reports) if s == first)}" if len(reports) > 1 else ""
+def _raise_nonfinite(step: int, rank: int, epoch: int) -> None:
+    """Every rank raises NonFiniteLossError after the sync point that found ``rank``'s loss not finite at ``step``."""
+    where = f" on rank {rank}" if get_world_size() > 1 else ""
     raise NonFiniteLossError(
-        f"non-finite loss at step {first} (epoch {epoch}){where}; every rank stopped without writing a "
+        f"non-finite loss at step {step} (epoch {epoch}){where}; every rank stopped without writing a "
         "checkpoint, the last good one is kept. Lower optim.lr, set optim.clip_grad, use trainer.amp=bf16 "
         "instead of fp16, or set trainer.on_nonfinite=skip."
     )
@@ -229,7 +230,8 @@ def evaluate(
     model.eval()
     device = precision.device
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, scored, n
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, multi-label scored
+    images = scored_single = 0  # counted on the host: no device tensor built from a host number per batch
     start = time.perf_counter()
     skipped: list[str] = []
     for batch in loader:
@@ -250,13 +252,14 @@ def evaluate(
         else:
             loss = F.cross_entropy(logits, y, reduction="sum")
             hits = top.eq(y[:, None])
-            scored = torch.tensor(len(y), device=device)
-        totals += torch.stack([
-            loss, hits[:, 0].sum(), hits.any(1).sum(), scored, torch.tensor(len(y), device=device),
-        ]).double()
+            scored = torch.zeros((), device=device)
+            scored_single += len(y)
+        images += len(y)
+        sums += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), scored]).double()
     elapsed = time.perf_counter() - start
-    loss, top1, top5, scored, n = all_reduce_sum(totals).tolist()
-    n, scored = max(n, 1), max(scored, 1)
+    counts = torch.tensor([scored_single, images], dtype=torch.float64, device=device)
+    loss, top1, top5, scored_multi, scored_single, n = all_reduce_sum(torch.cat([sums, counts])).tolist()
+    n, scored = max(n, 1), max(scored_multi + scored_single, 1)
     return {
         "top1_err": 100.0 * (1 - top1 / scored), "top5_err": 100.0 * (1 - top5 / scored), "loss": loss / n,
         "images_per_s": n / elapsed, "count": int(n), "skipped": skipped,

@@ -1,19 +1,32 @@
-"""Training steps/s of the engine's loop against a plain PyTorch loop, measured in one process.
+"""How fast attnlab trains what users run, side by side with the loop they would write by hand.
 
-Usage: python scripts/benchmark.py [train.py overrides] [--steps N] [--rounds R]
-Both loops train the same model on the same in-memory batches with the same optimizer; rounds
-alternate between them in ABBA order so drift in machine load hits both. Prints each median and
-the ratio.
+Usage: python scripts/benchmark.py [--root DIR] [--train-samples N] [--val-samples M] [--epochs E]
+       [--rounds R] [--steps S] [train.py overrides, e.g. model=resnet20 attention=se]
+
+One invocation, rounds alternating (ABC, BCA, CAB, ...) so drift in machine load hits every side:
+
+1. Real data, whole process: ``train.py data=cifar10`` on an image folder with its defaults (the
+   in-memory path, fp32 unless the overrides say otherwise) against ``scripts/plain_loop.py`` (a
+   torchvision ImageFolder + PIL transforms in DataLoader workers, the same model, batch, images
+   and epochs). Prints each median wall time and the ratio.
+2. Engine overhead: the engine's ``train_one_epoch`` against a bare forward/backward/step loop on
+   the same in-memory batches, in this process.
+3. Steady state: train.py's training rate on real data (its ``train_images_per_s``) against the
+   engine's in-memory step rate of (2) at the same precision.
 """
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from _config import compose_from_argv
+from _config import ROOT, compose_from_argv
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from engine.optim import build_optimizer, build_scheduler
 from engine.run import select_device
@@ -21,11 +34,10 @@ from engine.trainer import build_precision, train_one_epoch
 from models import build_model
 
 
-def plain_loop(model, criterion, loader, optimizer, precision) -> None:
+def plain_steps(model, criterion, batches, optimizer, precision) -> None:
     """The loop a user would write by hand: forward, backward, step."""
     model.train()
-    for x, y in loader:
-        x, y = x.to(precision.device, non_blocking=True), y.to(precision.device, non_blocking=True)
+    for x, y in batches:
         with precision.autocast():
             loss = criterion(model(x), y)
         loss.backward()
@@ -44,46 +56,101 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+class InMemory:
+    """Engine and plain loop on the same in-memory batches (random tensors), one round each at a time."""
+
+    def __init__(self, overrides: list[str], steps: int):
+        cfg = compose_from_argv(overrides)
+        self.cfg, self.steps = cfg, steps
+        device = select_device(cfg.trainer.device)
+        self.precision = build_precision(cfg.trainer.amp, device)
+        torch.manual_seed(0)
+        self.model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes).to(device)
+        memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+        self.model.to(memory_format=memory_format)
+        size, batch = cfg.data.image_size, cfg.data.batch_size
+        self.batches = [(torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format),
+                         torch.randint(0, cfg.data.num_classes, (batch,), device=device)) for _ in range(steps)]
+        self.criterion = nn.CrossEntropyLoss()
+        self.engine_opt, self.plain_opt = build_optimizer(self.model, cfg.optim), build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.engine_opt, cfg.sched, cfg.trainer.epochs, steps)
+        self.engine(), self.plain()  # warm-up: allocator, kernels, caches
+
+    def engine(self) -> float:
+        """Seconds of one pass of the engine's loop, as train.py runs it (schedule stepped every step)."""
+        return timed(lambda: train_one_epoch(
+            self.model, self.criterion, self.batches, self.engine_opt, self.precision, epoch=1,
+            scheduler=self.scheduler, log_interval=self.cfg.trainer.log_interval, progress=False,
+            channels_last=self.cfg.trainer.channels_last))
+
+    def plain(self) -> float:
+        """Seconds of one pass of the hand-written loop."""
+        return timed(lambda: plain_steps(self.model, self.criterion, self.batches, self.plain_opt, self.precision))
+
+
+def run_process(cmd: list[str]) -> float:
+    """Wall seconds of a whole process (start-up included); stops the benchmark if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark: {' '.join(cmd[:3])} ... failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
 def main() -> None:
-    """Parse arguments, run the alternating rounds, print the medians and their ratio."""
+    """Parse arguments, run the alternating rounds, print medians and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per loop (after one warm-up)")
+    parser.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "cifar10"),
+                        help="a CIFAR-10 image folder (train/<class>/*, val/<class>/*)")
+    parser.add_argument("--train-samples", type=int, default=10_000)
+    parser.add_argument("--val-samples", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per in-memory round")
     args, overrides = parser.parse_known_args()
+    if not (Path(args.root) / "train").is_dir():
+        sys.exit(f"benchmark: no image folder at {args.root}; pass --root DIR")
+    overrides = ["data=cifar10", *overrides]
     cfg = compose_from_argv(overrides)
-    device = select_device(cfg.trainer.device)
-    precision = build_precision(cfg.trainer.amp, device)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes).to(device)
-    size, batch = cfg.data.image_size, cfg.data.batch_size
-    data = TensorDataset(torch.randn(args.steps * batch, 3, size, size),
-                         torch.randint(0, cfg.data.num_classes, (args.steps * batch,)))
-    loader = DataLoader(data, batch_size=batch, pin_memory=device.type == "cuda")
-    criterion = nn.CrossEntropyLoss()
-    engine_opt, plain_opt = build_optimizer(model, cfg.optim), build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(engine_opt, cfg.sched, cfg.trainer.epochs, args.steps)
+    python = sys.executable
+    scratch = Path(tempfile.mkdtemp(prefix="attnlab-benchmark-"))
+    sizes = [f"data.max_train_samples={args.train_samples}", f"data.max_val_samples={args.val_samples}",
+             f"trainer.epochs={args.epochs}"]
+    rates: list[float] = []
 
-    def engine_round():
-        """One pass of the engine's loop, as train.py runs it (schedule stepped every step)."""
-        train_one_epoch(model, criterion, loader, engine_opt, precision, epoch=1, scheduler=scheduler,
-                        log_interval=cfg.trainer.log_interval, progress=False)
+    def attnlab_round() -> float:
+        run_dir = scratch / f"run{len(rates)}"
+        seconds = run_process([python, "train.py", *overrides, f"data.root={args.root}", *sizes,
+                               f"hydra.run.dir={run_dir}"])
+        rates.append(json.loads((run_dir / "metrics.json").read_text())["train_images_per_s"])
+        return seconds
 
-    def plain_round():
-        """One pass of the hand-written loop."""
-        plain_loop(model, criterion, loader, plain_opt, precision)
+    def plain_round() -> float:
+        model_args = [o for o in overrides if o.split("=")[0].split(".")[0] in ("model", "attention", "seed")]
+        return run_process([python, "scripts/plain_loop.py", args.root, f"--train-samples={args.train_samples}",
+                            f"--val-samples={args.val_samples}", f"--epochs={args.epochs}",
+                            f"--batch={cfg.data.batch_size}", *model_args])
 
-    engine_round(), plain_round()  # warm-up: allocator, kernels, caches
-    engine_s, plain_s = [], []
-    for i in range(args.rounds):  # ABBA order, so whatever favours going first or second cancels
-        pair = [(engine_s, engine_round), (plain_s, plain_round)]
-        for times, fn in pair if i % 2 == 0 else pair[::-1]:
-            times.append(timed(fn))
-    engine_rate, plain_rate = args.steps / statistics.median(engine_s), args.steps / statistics.median(plain_s)
-    print(f"model {cfg.model.name} + {cfg.attention.name}, batch {batch}, {size}x{size}, {device.type}, "
-          f"{args.rounds} rounds x {args.steps} steps")
-    print(f"engine: {engine_rate:.2f} steps/s   plain loop: {plain_rate:.2f} steps/s")
-    print(f"engine / plain time ratio: {plain_rate / engine_rate:.3f} "
-          f"(overhead {100 * (plain_rate / engine_rate - 1):+.1f}%, goal <= +3%)")
+    in_memory = InMemory(overrides, args.steps)
+    sides = {"attnlab": attnlab_round, "plain": plain_round, "engine": in_memory.engine, "bare": in_memory.plain}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    order = list(sides)
+    for r in range(args.rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
+            times[name].append(sides[name]())
+    median = {name: statistics.median(t) for name, t in times.items()}
+    engine_rate = args.steps * cfg.data.batch_size / median["engine"]
+    real_rate = statistics.median(rates)
+    print(f"model {cfg.model.name} + {cfg.attention.name}, batch {cfg.data.batch_size}, amp {cfg.trainer.amp}, "
+          f"channels_last {cfg.trainer.channels_last}, {os.cpu_count()} CPUs / "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, {args.rounds} rounds")
+    print(f"real data, whole process ({args.train_samples} train / {args.val_samples} val images, {args.epochs} "
+          f"epoch(s)): attnlab {median['attnlab']:.1f} s, hand-written PIL loop {median['plain']:.1f} s, "
+          f"ratio {median['attnlab'] / median['plain']:.3f} (goal <= 0.80)")
+    print(f"in memory, {args.steps} steps: engine {median['engine']:.2f} s, bare loop {median['bare']:.2f} s, "
+          f"overhead {100 * (median['engine'] / median['bare'] - 1):+.1f}% (goal <= +3%)")
+    print(f"steady state: real data {real_rate:.0f} img/s, in-memory engine {engine_rate:.0f} img/s, "
+          f"ratio {real_rate / engine_rate:.3f} (goal >= 0.90)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from data import DataError, build_datasets
+from data import DataError, build_datasets, train_transform
 from data.digits import DigitsDataset
 from data.samplers import ShardSampler, balanced_indices
 from tests.conftest import compose_config
@@ -72,7 +72,8 @@ def test_image_folder_layout_loads_with_the_imagenet_recipe(tmp_path):
     root = make_image_folder(tmp_path / "pets")
     train, val = build_datasets(folder_config(root))
     assert train.classes == ["cat", "dog"] and len(train) == len(val) == 6
-    assert train[0][0].shape == (3, 32, 32)
+    assert train_transform(folder_config(root))(train[0][0], 0, 1, 0).shape == (3, 32, 32)
+    assert val[0][0].shape == (3, 32, 32)
 
 
 def test_missing_root_names_the_path(tmp_path):
@@ -117,8 +118,8 @@ def test_shared_cifar10_folder_layout(cifar10_root):
     train, val = build_datasets(cfg)
     assert len(train) == 50_000 and len(val) == 100
     assert train.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    x, y = train[0]
-    assert x.shape == (3, 32, 32) and y == 0
+    image, y = train[0]
+    assert train_transform(cfg)(image, 0, 1, 0).shape == (3, 32, 32) and y == 0
 
 
 def test_cifar_recipe_with_timm_randaugment_and_random_erasing():
@@ -126,10 +127,12 @@ def test_cifar_recipe_with_timm_randaugment_and_random_erasing():
 
     cfg = compose_config("data=cifar10", "data.randaugment=rand-m9-mstd0.5", "data.reprob=1.0").data
     transform = cifar_transform(cfg, train=True)
-    names = [type(t).__name__ for t in transform.transforms]
-    assert names == ["RandomCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize", "RandomErasing"]
+    names = [type(t).__name__ for t in [*transform.library, *transform.finish, *transform.after]]
+    assert names == ["RandAugment", "ToTensor", "Normalize", "RandomErasing"]  # after the contract's crop and flip
     image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
-    assert transform(image).shape == (3, 32, 32)
+    first = transform(image, 0, 1, 5)
+    assert first.shape == (3, 32, 32) and torch.equal(first, transform(image, 0, 1, 5))  # the sample's own seed
+    assert not torch.equal(first, transform(image, 0, 2, 5))
     assert [type(t).__name__ for t in cifar_transform(cfg, train=False).transforms] == ["ToTensor", "Normalize"]
 
 
@@ -138,7 +141,7 @@ def test_imagenet_recipe_sizes(tmp_path):
 
     cfg = compose_config("data=imagenet", "data.root=/x", "data.image_size=64", "data.crop_pct=0.8").data
     image = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
-    assert imagenet_transform(cfg, train=True)(image).shape == (3, 64, 64)
+    assert imagenet_transform(cfg, train=True)(image, 0, 1, 0).shape == (3, 64, 64)
     val = imagenet_transform(cfg, train=False)
     assert val.transforms[0].size == 80 and val(image).shape == (3, 64, 64)  # resize 64 / 0.8, crop 64
 

@@ -295,10 +295,12 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     import signal
     import time
 
-    # 45 steps a rank an epoch: the signal lands well inside the first epoch
-    reference = start_torchrun(2, tmp_path / "reference", {}, samples=1437)
+    # 45 steps a rank an epoch: the signal lands well inside the first epoch. The PIL path with loader
+    # workers (the other resume tests use digits' default, the tensor-resident path)
+    pil = ("data.in_memory=false",)
+    reference = start_torchrun(2, tmp_path / "reference", {}, samples=1437, overrides=pil)
     assert reference.wait(timeout=300) == 0
-    run = start_torchrun(2, tmp_path / "run", {}, samples=1437)
+    run = start_torchrun(2, tmp_path / "run", {}, samples=1437, overrides=pil)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():  # the step-3 checkpoint
         assert run.poll() is None and time.monotonic() < deadline
@@ -309,7 +311,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     output = run.communicate(timeout=120)[0].decode()
     assert run.returncode != 0 and "stopped after step" in output, output[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
-    resumed = start_torchrun(2, tmp_path / "run", {}, samples=1437)
+    resumed = start_torchrun(2, tmp_path / "run", {}, samples=1437, overrides=pil)
     assert resumed.wait(timeout=300) == 0
     assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
 
@@ -321,7 +323,7 @@ def test_sigusr1_to_the_whole_process_group_checkpoints_while_workers_ignore_it(
     import time
 
     cmd = [sys.executable, str(ROOT / "train.py"), *RESUMABLE, "data.max_train_samples=1437",
-           f"hydra.run.dir={tmp_path}"]
+           "data.in_memory=false", f"hydra.run.dir={tmp_path}"]  # the PIL path: it has workers
     run = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -52,6 +51,8 @@ def attention_boxes(feature_map: torch.Tensor, image_size: tuple[int, int], tau:
     heat = (heat - low) / (high - low).clamp_min(1e-12)
     masks = (heat[:, 0] > tau).cpu().numpy()  # connected components run on the host
     h, w = image_size
+    from scipy import ndimage  # only AG-CNN needs SciPy: its import stays out of every other run's start-up
+
     boxes = []
     for mask in masks:
         labels, count = ndimage.label(mask)

@@ -164,15 +164,19 @@ class ResidentLoader:
         keyed = bool(keys) and isinstance(keys[0], tuple)
         indices = np.array([k[0] for k in keys] if keyed else keys, dtype=np.int64)
         device = self.data.images.device
+        # the epoch's order and every crop go to the device once: no host-to-device copy, so no wait, per batch
+        order = torch.from_numpy(indices).to(device)
+        if self.crop is not None:  # training: the keys carry the epoch
+            height, width = self.data.images.shape[-2:]
+            params = [torch.from_numpy(p).to(device)
+                      for p in self.crop.params(self.seed, keys[0][1], indices, height, width)]
         for b in range(len(self)):
-            chosen = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            where = torch.from_numpy(chosen).to(device)
-            x = self.data.images[where]
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            x = self.data.images[order[batch]]
             if self.crop is not None:
-                height, width = x.shape[-2:]
-                x = self.crop.batch(x, *self.crop.params(self.seed, keys[0][1], chosen, height, width))
+                x = self.crop.batch(x, *(p[batch] for p in params))
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-            yield x.sub_(self.mean).div_(self.std), self.data.targets[where]
+            yield x.sub_(self.mean).div_(self.std), self.data.targets[order[batch]]
 
 
 def resident_loaders(train_set: Dataset, val_set: Dataset, cfg, device: torch.device, train_order: Sampler,

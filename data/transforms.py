@@ -8,7 +8,6 @@ deterministic callables.
 from collections.abc import Callable
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -54,8 +53,9 @@ class CropFlip:
         image = TF.crop(image, int(top), int(left), self.size, self.size)
         return TF.hflip(image) if flipped else image
 
-    def batch(self, images: torch.Tensor, tops: np.ndarray, lefts: np.ndarray, flips: np.ndarray) -> torch.Tensor:
-        """Apply to (B, C, H, W) images of any dtype on any device; returns (B, C, size, size)."""
+    def batch(self, images: torch.Tensor, tops, lefts, flips) -> torch.Tensor:
+        """Apply to (B, C, H, W) images of any dtype on any device, with per-sample parameters (arrays or
+        tensors, best already on the images' device); returns (B, C, size, size)."""
         device, p = images.device, self.padding
         padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
         span = torch.arange(self.size, device=device)

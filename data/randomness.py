@@ -61,6 +61,7 @@ def crop_flip_params(seed: int, epoch: int, indices: Sequence[int] | np.ndarray,
 
 
 RRC_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+RRC_DRAWS = 4 * RRC_ATTEMPTS + 1  # four numbers a try, one for the flip
 
 
 def resized_crop_boxes(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, heights: np.ndarray,
@@ -70,7 +71,7 @@ def resized_crop_boxes(seed: int, epoch: int, indices: Sequence[int] | np.ndarra
     log-uniform aspect ratio in ``ratio``, else the centred crop of the clamped aspect ratio), with each
     try's numbers from the contract. Returns per sample (top, left, height, width) and the flip."""
     heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
-    u = uniforms(seed, epoch, indices, 4 * RRC_ATTEMPTS + 1).reshape(-1, 4 * RRC_ATTEMPTS + 1)
+    u = uniforms(seed, epoch, indices, RRC_DRAWS)
     tries = u[:, :-1].reshape(-1, RRC_ATTEMPTS, 4)
     area = (heights * widths)[:, None]
     target = area * (scale[0] + (scale[1] - scale[0]) * tries[..., 0])

@@ -16,7 +16,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from data.randomness import crop_flip_params, library_rngs, resized_crop_boxes, sample_seed
+from data.randomness import RRC_DRAWS, crop_flip_params, library_rngs, resized_crop_boxes, sample_seed, uniforms
 from engine.config import DataConfig
 
 CIFAR_PADDING, DIGITS_PADDING = 4, 2  # He et al. 2016's pad-4 crop; digits shift by at most 2 pixels
@@ -127,20 +127,27 @@ def digits_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose
     return TrainTransform(_crop_flip_step(digits_crop_flip(cfg)), [], [_normalize(cfg)], [])
 
 
+RANDOM_INTERPOLATIONS = (T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC)  # timm's "random"
+
+
 class ResizedCropFlip:
-    """RandomResizedCrop to ``size`` and a horizontal flip, the box and flip from the contract."""
+    """RandomResizedCrop to ``size`` and a horizontal flip, the box and flip from the contract;
+    ``interpolation="random"`` picks bilinear or bicubic per sample, as timm does, also from the contract."""
 
     def __init__(self, size: int, interpolation: str, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
-        self.interpolation = T.InterpolationMode(interpolation)
+        self.interpolation = None if interpolation == "random" else T.InterpolationMode(interpolation)
 
     def __call__(self, image, seed: int, epoch: int, index: int):
         """Crop, resize and perhaps flip one PIL image or (C, H, W) tensor."""
         height, width = image_size_of(image)
         top, left, h, w, flip = (v[0] for v in resized_crop_boxes(
             seed, epoch, [index], [height], [width], self.scale, self.ratio))
+        mode = self.interpolation
+        if mode is None:  # the draw after the crop's
+            mode = RANDOM_INTERPOLATIONS[int(uniforms(seed, epoch, [index], RRC_DRAWS + 1)[0, -1] * 2)]
         image = TF.resized_crop(image, int(top), int(left), int(h), int(w), [self.size, self.size],
-                                self.interpolation, antialias=True)
+                                mode, antialias=True)
         return TF.hflip(image) if flip else image
 
 

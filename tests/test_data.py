@@ -142,6 +142,9 @@ def test_imagenet_recipe_sizes(tmp_path):
     cfg = compose_config("data=imagenet", "data.root=/x", "data.image_size=64", "data.crop_pct=0.8").data
     image = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
     assert imagenet_transform(cfg, train=True)(image, 0, 1, 0).shape == (3, 64, 64)
+    random_mode = compose_config("data=imagenet", "data.root=/x", "data.image_size=64", "data.interpolation=random").data
+    crops = [imagenet_transform(random_mode, train=True)(image, 0, 1, i) for i in range(4)]
+    assert all(c.shape == (3, 64, 64) for c in crops)  # timm's per-image choice of bilinear or bicubic
     val = imagenet_transform(cfg, train=False)
     assert val.transforms[0].size == 80 and val(image).shape == (3, 64, 64)  # resize 64 / 0.8, crop 64
 

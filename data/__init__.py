@@ -11,9 +11,9 @@ from data.corrupt import SkipCorrupt, collate_skipping
 from data.digits import DigitsDataset
 from data.errors import DataError
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
+from data.in_memory import NotResident, in_memory_setting, recipe_blocker, resident_loaders
 from data.multilabel import MultiLabelCSV
 from data.samplers import EpochOrder, ShardSampler, balanced_indices
-from data.in_memory import NotResident, in_memory_setting, recipe_blocker, resident_loaders
 from data.seeded import KeyedSamples
 from data.transforms import (cifar_crop_flip, cifar_transform, digits_crop_flip, digits_transform,
                              imagenet_transform)
@@ -133,8 +133,14 @@ def build_loaders(
             reason = str(e)
     if setting == "auto":
         log.info("data: per-image loading in %d worker(s) (data.in_memory=auto: %s)", cfg.num_workers, reason)
-    pin = torch.cuda.is_available()
-    common = {"num_workers": cfg.num_workers, "pin_memory": pin, "persistent_workers": cfg.num_workers > 0,
+    return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed)
+
+
+def _pil_loaders(cfg: DataConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder, val_order: ShardSampler,
+                 drop_last: bool, seed: int) -> tuple[DataLoader, DataLoader]:
+    """The PIL path: per-image loading and augmentation in ``data.num_workers`` loader processes."""
+    common = {"num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available(),
+              "persistent_workers": cfg.num_workers > 0,
               "collate_fn": collate_skipping if cfg.skip_corrupt else None,
               "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None,
               # its own generator: each epoch's worker base seed is not drawn from the global RNG

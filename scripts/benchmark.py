@@ -3,7 +3,8 @@
 Usage: python scripts/benchmark.py [--root DIR] [--train-samples N] [--val-samples M] [--epochs E]
        [--rounds R] [--steps S] [train.py overrides, e.g. model=resnet20 attention=se]
 
-One invocation, rounds alternating (ABC, BCA, CAB, ...) so drift in machine load hits every side:
+One invocation, each comparison's two sides in ABBA order round after round, so drift in machine load
+hits both:
 
 1. Real data, whole process: ``train.py data=cifar10`` on an image folder with its defaults (the
    in-memory path, fp32 unless the overrides say otherwise) against ``scripts/plain_loop.py`` (a
@@ -97,23 +98,8 @@ def run_process(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    """Parse arguments, run the alternating rounds, print medians and ratios."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "cifar10"),
-                        help="a CIFAR-10 image folder (train/<class>/*, val/<class>/*)")
-    parser.add_argument("--train-samples", type=int, default=10_000)
-    parser.add_argument("--val-samples", type=int, default=2_000)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per in-memory round")
-    args, overrides = parser.parse_known_args()
-    if not (Path(args.root) / "train").is_dir():
-        sys.exit(f"benchmark: no image folder at {args.root}; pass --root DIR")
-    overrides = ["data=cifar10", *overrides]
-    cfg = compose_from_argv(overrides)
-    python = sys.executable
-    scratch = Path(tempfile.mkdtemp(prefix="attnlab-benchmark-"))
+def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scratch: Path) -> None:
+    """Run the rounds (train.py's runs under ``scratch``) and print the three comparisons."""
     sizes = [f"data.max_train_samples={args.train_samples}", f"data.max_val_samples={args.val_samples}",
              f"trainer.epochs={args.epochs}"]
     rates: list[float] = []
@@ -132,12 +118,12 @@ def main() -> None:
                             f"--batch={cfg.data.batch_size}", *model_args])
 
     in_memory = InMemory(overrides, args.steps)
-    sides = {"attnlab": attnlab_round, "plain": plain_round, "engine": in_memory.engine, "bare": in_memory.plain}
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    order = list(sides)
+    pairs = [{"attnlab": attnlab_round, "plain": plain_round}, {"engine": in_memory.engine, "bare": in_memory.plain}]
+    times: dict[str, list[float]] = {name: [] for pair in pairs for name in pair}
     for r in range(args.rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
-            times[name].append(sides[name]())
+        for pair in pairs:  # each pair in ABBA order: whatever favours going first or second cancels
+            for name in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
+                times[name].append(pair[name]())
     median = {name: statistics.median(t) for name, t in times.items()}
     engine_rate = args.steps * cfg.data.batch_size / median["engine"]
     real_rate = statistics.median(rates)
@@ -151,6 +137,26 @@ def main() -> None:
           f"overhead {100 * (median['engine'] / median['bare'] - 1):+.1f}% (goal <= +3%)")
     print(f"steady state: real data {real_rate:.0f} img/s, in-memory engine {engine_rate:.0f} img/s, "
           f"ratio {real_rate / engine_rate:.3f} (goal >= 0.90)")
+
+
+def main() -> None:
+    """Parse arguments, run the alternating rounds, print medians and ratios."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "cifar10"),
+                        help="a CIFAR-10 image folder (train/<class>/*, val/<class>/*)")
+    parser.add_argument("--train-samples", type=int, default=10_000)
+    parser.add_argument("--val-samples", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per in-memory round")
+    args, overrides = parser.parse_known_args()
+    if not (Path(args.root) / "train").is_dir():
+        sys.exit(f"benchmark: no image folder at {args.root}; pass --root DIR")
+    overrides = ["data=cifar10", *overrides]
+    cfg = compose_from_argv(overrides)
+    python = sys.executable
+    with tempfile.TemporaryDirectory(prefix="attnlab-benchmark-") as scratch:
+        report(args, overrides, cfg, python, Path(scratch))
 
 
 if __name__ == "__main__":

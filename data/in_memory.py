@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 
-from data.errors import DataError
 from data.folder import load_rgb
 from data.transforms import CropFlip
 from models.placement import ConfigError
@@ -27,6 +26,7 @@ IN_MEMORY_CHOICES = ("auto", "true", "false")
 RESIDENT_RECIPES = ("cifar10", "cifar100", "digits")  # the pad-crop-flip recipe; ImageNet's crops vary in size
 MAX_BYTES = 4 * 2**30  # whichever is smaller: 4 GiB or this fraction of the machine's memory
 MAX_MEMORY_FRACTION = 0.2
+MAX_GPU_FRACTION = 0.25  # of the device's free memory: the rest is the model's
 
 
 class NotResident(Exception):
@@ -54,10 +54,16 @@ def recipe_blocker(cfg) -> str | None:
     return None
 
 
-def memory_budget() -> int:
-    """Bytes the decoded images may take: min(4 GiB, 20% of this machine's memory)."""
+def memory_budget(device: torch.device | None = None) -> int:
+    """Bytes one process's decoded images may take: min(4 GiB, 20% of this machine's memory), shared
+    by the processes on this machine (torchrun's LOCAL_WORLD_SIZE), and on a GPU at most a quarter of
+    its free memory."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(MAX_BYTES, MAX_MEMORY_FRACTION * total))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    budget = min(MAX_BYTES, MAX_MEMORY_FRACTION * total) / local_ranks
+    if device is not None and device.type == "cuda":
+        budget = min(budget, MAX_GPU_FRACTION * torch.cuda.mem_get_info(device)[0])
+    return int(budget)
 
 
 @dataclass
@@ -112,8 +118,8 @@ def _decode(paths: Sequence[str], workers: int, budget: int) -> torch.Tensor:
     need = len(paths) * first.size
     if need > budget:
         raise NotResident(f"{len(paths):,} images of {first.shape[:2]} need {need / 2**30:.2f} GiB, "
-                          f"more than the in-memory budget of {budget / 2**30:.2f} GiB")
-    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+                          f"more than the in-memory budget of {budget / 2**30:.2f} GiB left")
+    out = np.empty((len(paths), first.shape[2], *first.shape[:2]), dtype=np.uint8)  # N, C, H, W
     workers = min(workers, os.cpu_count() or 1)
     loader = DataLoader(_DecodedFiles(paths), batch_size=256, num_workers=workers, collate_fn=list)
     position = 0
@@ -122,9 +128,9 @@ def _decode(paths: Sequence[str], workers: int, budget: int) -> torch.Tensor:
             if image.shape != first.shape:
                 raise NotResident(f"{paths[position]} is {image.shape[:2]} but {paths[0]} is "
                                   f"{first.shape[:2]}: the images do not share one size")
-            out[position] = image
+            out[position] = image.transpose(2, 0, 1)
             position += 1
-    return torch.from_numpy(out).permute(0, 3, 1, 2)  # N, C, H, W (made contiguous on the device)
+    return torch.from_numpy(out)
 
 
 def load_resident(dataset: Dataset, device: torch.device, workers: int, budget: int) -> ResidentImages:
@@ -134,7 +140,7 @@ def load_resident(dataset: Dataset, device: torch.device, workers: int, budget: 
         images = _decode(images, workers, budget)
     elif images.numel() * images.element_size() > budget:
         raise NotResident(f"the images need {images.numel() * images.element_size() / 2**30:.2f} GiB, more "
-                          f"than the in-memory budget of {budget / 2**30:.2f} GiB")
+                          f"than the in-memory budget of {budget / 2**30:.2f} GiB left")
     return ResidentImages(images.to(device).contiguous(), torch.as_tensor(targets, device=device))
 
 
@@ -161,7 +167,9 @@ class ResidentLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         keys = list(self.sampler)
-        keyed = bool(keys) and isinstance(keys[0], tuple)
+        if not keys:  # e.g. resumed from a checkpoint written on the epoch's last step
+            return
+        keyed = isinstance(keys[0], tuple)
         indices = np.array([k[0] for k in keys] if keyed else keys, dtype=np.int64)
         device = self.data.images.device
         # the epoch's order and every crop go to the device once: no host-to-device copy, so no wait, per batch
@@ -183,7 +191,7 @@ def resident_loaders(train_set: Dataset, val_set: Dataset, cfg, device: torch.de
                      val_order: Sampler, crop: CropFlip, seed: int, drop_last: bool
                      ) -> tuple[ResidentLoader, ResidentLoader]:
     """Both splits in memory on ``device``; raises NotResident (nothing is half-built then)."""
-    budget = memory_budget()
+    budget = memory_budget(device)
     train = load_resident(train_set, device, cfg.num_workers, budget)
     val = load_resident(val_set, device, cfg.num_workers, budget - train.images.numel() * train.images.element_size())
     log.info("data in memory on %s: %d + %d images, %.0f MiB (data.in_memory)", device, len(train), len(val),

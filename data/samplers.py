@@ -51,8 +51,9 @@ class EpochOrder(Sampler[tuple[int, int]]):
         self.epoch, self.skip = 1, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Use ``epoch``'s order from its ``skip``-th sample on."""
-        self.epoch, self.skip = epoch, skip
+        """Use ``epoch``'s order from its ``skip``-th sample on (a checkpoint written on the epoch's last
+        step leaves nothing: its last batch may be partial, so ``skip`` can exceed the rank's share)."""
+        self.epoch, self.skip = epoch, min(skip, self.per_rank)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch)

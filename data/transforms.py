@@ -16,6 +16,7 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
+from data.errors import DataError
 from data.randomness import RRC_DRAWS, crop_flip_params, library_rngs, resized_crop_boxes, sample_seed, uniforms
 from engine.config import DataConfig
 
@@ -44,6 +45,10 @@ class CropFlip:
 
     def params(self, seed: int, epoch: int, indices, height: int, width: int):
         """Per sample (top, left, flipped) for images of ``height`` x ``width``."""
+        if self.size > min(height, width) + 2 * self.padding:  # torchvision's RandomCrop refuses it too
+            raise DataError(f"data.image_size={self.size} is larger than the {height}x{width} images padded by "
+                            f"{self.padding}; set data.image_size={min(height, width)} (this recipe crops, it "
+                            "does not resize)")
         return crop_flip_params(seed, epoch, indices, height, width, self.size, self.padding, self.flip)
 
     def one(self, image, top: int, left: int, flipped: bool):

@@ -13,6 +13,8 @@ class LazyWriter:
         self._writer = None
 
     def __getattr__(self, name: str):
+        if name == "_writer" or name.startswith("__"):  # copying, pickling, probes: no writer, no recursion
+            raise AttributeError(name)
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -43,6 +43,9 @@ def build_precision(amp: str, device: torch.device) -> Precision:
         raise ConfigError(f"trainer.amp='{amp}' is not valid; use one of {', '.join(AMP_DTYPES)}")
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.amp=fp16 needs a CUDA device; use trainer.amp=bf16 on the CPU")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
+                          "use trainer.amp=fp16")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     return Precision(device, AMP_DTYPES[amp], scaler)
 

@@ -4,7 +4,8 @@ Usage: python scripts/plain_loop.py ROOT --train-samples N --val-samples M [--ep
        [--workers W] [train.py overrides for the model, e.g. model=resnet20 attention=se]
 
 torchvision's ImageFolder with RandomCrop(32, padding=4) + flip + ToTensor + Normalize, a DataLoader
-with worker processes, SGD with momentum, one evaluation pass after each epoch. The model is
+with worker processes, SGD with momentum, fp32, on the GPU when there is one, one evaluation pass
+after each epoch. The model is
 attnlab's (the same one train.py builds); the image subset is the one train.py picks for
 ``data.max_train_samples`` / ``data.max_val_samples``, so both read the same files.
 """
@@ -45,18 +46,21 @@ def main() -> None:
     val_tf = T.Compose([T.ToTensor(), normalize])
     train_set = folder_subset(args.root, "train", train_tf, args.train_samples)
     val_set = folder_subset(args.root, "val", val_tf, args.val_samples)
-    loader_args = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
+    loader_args = {"num_workers": args.workers, "persistent_workers": args.workers > 0,
+                   "pin_memory": torch.cuda.is_available()}
     train_loader = DataLoader(train_set, args.batch, shuffle=True, **loader_args)
     val_loader = DataLoader(val_set, 2 * args.batch, **loader_args)
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     criterion = nn.CrossEntropyLoss()
     for _ in range(args.epochs):
         model.train()
         for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = criterion(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -65,6 +69,7 @@ def main() -> None:
         correct = total = 0
         with torch.no_grad():
             for x, y in val_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 correct += (model(x).argmax(1) == y).sum().item()
                 total += len(y)
     print(f"top-1 error {100 * (1 - correct / total):.2f}%, wall {time.perf_counter() - start:.1f} s")

@@ -294,6 +294,31 @@ def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(qu
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_resume_from_a_checkpoint_on_the_epochs_last_step(quick_config, tmp_path, monkeypatch, in_memory):
+    """A stop on the last step (a signal at the epoch-end sync point, or a kill during evaluation after a
+    periodic checkpoint there) resumes into an epoch with no steps left, even when its last batch was partial."""
+    cfg = quick_config("trainer.epochs=2", "data.max_train_samples=250", "trainer.checkpoint_every_steps=4",
+                       f"data.in_memory={in_memory}")  # 4 steps an epoch, the last of 58 images
+    full = train(cfg, tmp_path / "full")
+    real_evaluate = engine.run.evaluate
+
+    def dies_in_the_first_evaluation(*args, **kwargs):
+        monkeypatch.setattr(engine.run, "evaluate", real_evaluate)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.run, "evaluate", dies_in_the_first_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["partial"]["batches"] == 4
+    resumed = train(cfg, tmp_path / "resumed")
+    assert resumed["train_loss"] == full["train_loss"] and resumed["top1_err"] == full["top1_err"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_explicit_resume_path_and_eval_only(quick_config, tmp_path):
     train(quick_config("trainer.epochs=1"), tmp_path / "a")
     best = tmp_path / "a" / "checkpoints" / "best.pt"

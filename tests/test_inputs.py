@@ -93,9 +93,12 @@ def test_library_augmentations_draw_from_the_sample_and_leave_the_global_rngs_al
 def test_the_pil_path_never_touches_the_global_rngs(tmp_path, extra):
     cfg = cifar_config(cifar_like_folder(tmp_path / "d"), "data.in_memory=false", *extra)
     torch.manual_seed(5)
-    before = torch.get_rng_state()
+    np.random.seed(5)
+    random.seed(5)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     _, batches, _ = first_batches(cfg)
-    assert torch.equal(torch.get_rng_state(), before)  # dropout, DropPath and mixup keep their streams
+    assert torch.equal(torch.get_rng_state(), before[0])  # dropout, DropPath and mixup keep their streams
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
     assert batches[0][0].shape == (5, 3, 32, 32)
 
 
@@ -104,6 +107,7 @@ def test_tensor_path_gives_the_pil_paths_pixels_for_the_same_seed(tmp_path):
     loader, resident, resident_val = first_batches(cifar_config(root, "data.in_memory=true"), skip=1)
     _, pil, pil_val = first_batches(cifar_config(root, "data.in_memory=false"), skip=1)
     assert isinstance(loader, ResidentLoader) and len(resident) == len(pil) == 3  # 18 images, batch 5, one skipped
+    assert len(resident_val) == len(pil_val) == 2  # batch 10
     for (x, y), (x_pil, y_pil) in zip(resident + resident_val, pil + pil_val):
         assert torch.equal(y, y_pil)
         torch.testing.assert_close(x, x_pil, rtol=0, atol=1e-6)  # the same crops, flips and normalisation
@@ -113,6 +117,7 @@ def test_tensor_path_on_the_shared_cifar10_matches_the_pil_path(cifar10_root):
     overrides = ("data.max_train_samples=64", "data.max_val_samples=20", "data.num_classes=10")
     _, resident, resident_val = first_batches(cifar_config(cifar10_root, *overrides, "data.in_memory=true"))
     _, pil, pil_val = first_batches(cifar_config(cifar10_root, *overrides, "data.in_memory=false"))
+    assert (len(resident), len(resident_val)) == (len(pil), len(pil_val)) == (13, 2)  # batches of 5 and 10
     for (x, y), (x_pil, y_pil) in zip(resident + resident_val, pil + pil_val):
         assert torch.equal(y, y_pil)
         torch.testing.assert_close(x, x_pil, rtol=0, atol=1e-6)
@@ -122,8 +127,13 @@ def test_two_ranks_of_the_tensor_path_split_each_epoch_like_the_sampler(tmp_path
     cfg = cifar_config(cifar_like_folder(tmp_path / "d"), "data.in_memory=true")
     _, whole, _ = first_batches(cfg)
     shards = [first_batches(cfg, world_size=2, rank=r)[1] for r in (0, 1)]
-    seen = sorted(torch.cat([y for shard in shards for _, y in shard]).tolist())
-    assert seen == sorted(torch.cat([y for _, y in whole]).tolist())  # 18 images, 9 a rank, none twice
+
+    def samples(batches) -> list[float]:
+        """Each augmented image's pixel sum: the crop depends on the index alone, so it names the sample."""
+        return sorted(torch.cat([x.sum((1, 2, 3)) for x, _ in batches]).tolist())
+
+    assert [len(samples(s)) for s in shards] == [9, 9]  # 18 images, 9 a rank, none twice
+    assert samples(shards[0] + shards[1]) == pytest.approx(samples(whole), abs=1e-3)
 
 
 def test_digits_go_in_memory_by_default(caplog):
@@ -156,11 +166,26 @@ def test_images_of_several_sizes_or_over_the_budget_stay_on_the_pil_path(tmp_pat
     with pytest.raises(DataError, match="data.in_memory=true but .* do not share one size"):
         first_batches(cifar_config(tmp_path / "mixed", "data.in_memory=true"))
 
-    monkeypatch.setattr("data.in_memory.memory_budget", lambda: 1000)  # bytes: not even one 32x32 image set
+    monkeypatch.setattr("data.in_memory.memory_budget", lambda device=None: 1000)  # bytes: not even one 32x32 image set
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="attnlab"):
         loader, _, _ = first_batches(cifar_config(cifar_like_folder(tmp_path / "even"), "data.num_workers=0"))
     assert not isinstance(loader, ResidentLoader) and "more than the in-memory budget" in caplog.text
+
+
+@pytest.mark.parametrize("in_memory", ["true", "false"])
+def test_a_crop_larger_than_the_padded_images_is_refused(tmp_path, in_memory):
+    cfg = cifar_config(cifar_like_folder(tmp_path / "d"), "data.image_size=48", f"data.in_memory={in_memory}")
+    with pytest.raises(DataError, match="data.image_size=48 is larger than the 32x32 images padded by 4; "
+                                        "set data.image_size=32"):
+        first_batches(cfg)
+
+
+def test_an_epoch_resumed_after_its_last_step_has_no_batches_left(tmp_path):
+    cfg = cifar_config(cifar_like_folder(tmp_path / "d"), "data.in_memory=true")
+    for skip in (4, 5):  # 18 images in batches of 5: the 4th is partial, so 4 batches skip 20 > 18 samples
+        loader, batches, _ = first_batches(cfg, skip=skip)
+        assert len(loader) == 0 and batches == []
 
 
 def test_an_unknown_in_memory_value_names_the_choices(tmp_path):

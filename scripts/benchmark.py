@@ -12,11 +12,10 @@ hits both:
    and epochs). Prints each median wall time and the ratio.
 2. Engine overhead: the engine's ``train_one_epoch`` against a bare forward/backward/step loop on
    the same in-memory batches, in this process.
-3. Steady state: train.py's training rate on real data (its ``train_images_per_s``) against the
-   engine's in-memory step rate of (2) at the same precision.
+3. Steady state: train.py's training rate on real data (the median of its logged intervals after the
+   first, which holds the warm-up) against the engine's in-memory step rate of (2) at the same precision.
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -89,6 +88,19 @@ class InMemory:
         return timed(lambda: plain_steps(self.model, self.criterion, self.batches, self.plain_opt, self.precision))
 
 
+def steady_rate(run_dir: Path) -> float:
+    """A run's training rate after its first logging interval (which holds the kernels' warm-up): the
+    median of its ``train/images_per_s`` TensorBoard points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    points = [p.value for p in events.Scalars("train/images_per_s")][1:]
+    if not points:
+        sys.exit(f"benchmark: {run_dir} logged fewer than two intervals; use more --train-samples")
+    return statistics.median(points)
+
+
 def run_process(cmd: list[str]) -> float:
     """Wall seconds of a whole process (start-up included); stops the benchmark if it fails."""
     start = time.perf_counter()
@@ -108,7 +120,7 @@ def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scr
         run_dir = scratch / f"run{len(rates)}"
         seconds = run_process([python, "train.py", *overrides, f"data.root={args.root}", *sizes,
                                f"hydra.run.dir={run_dir}"])
-        rates.append(json.loads((run_dir / "metrics.json").read_text())["train_images_per_s"])
+        rates.append(steady_rate(run_dir))
         return seconds
 
     def plain_round() -> float:

@@ -3,8 +3,8 @@
 Usage: python scripts/benchmark.py [--root DIR] [--train-samples N] [--val-samples M] [--epochs E]
        [--rounds R] [--steps S] [train.py overrides, e.g. model=resnet20 attention=se]
 
-One invocation, each comparison's two sides in ABBA order round after round, so drift in machine load
-hits both:
+One invocation, each comparison's two sides in ABBA order (the whole processes over the rounds, the
+in-memory loops within each round), so drift in machine load hits both sides alike:
 
 1. Real data, whole process: ``train.py data=cifar10`` on an image folder with its defaults (the
    in-memory path, fp32 unless the overrides say otherwise) against ``scripts/plain_loop.py`` (a
@@ -133,9 +133,11 @@ def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scr
     pairs = [{"attnlab": attnlab_round, "plain": plain_round}, {"engine": in_memory.engine, "bare": in_memory.plain}]
     times: dict[str, list[float]] = {name: [] for pair in pairs for name in pair}
     for r in range(args.rounds):
-        for pair in pairs:  # each pair in ABBA order: whatever favours going first or second cancels
-            for name in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
-                times[name].append(pair[name]())
+        processes, loops = list(pairs[0]), list(pairs[1])
+        for name in (processes if r % 2 == 0 else processes[::-1]):  # ABBA over the rounds
+            times[name].append(pairs[0][name]())
+        for name in loops + loops[::-1]:  # ABBA within the round: neither always follows a process's exit
+            times[name].append(pairs[1][name]())
     median = {name: statistics.median(t) for name, t in times.items()}
     engine_rate = args.steps * cfg.data.batch_size / median["engine"]
     real_rate = statistics.median(rates)
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=10_000)
     parser.add_argument("--val-samples", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each side")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds of each side (even: ABBA balances)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per in-memory round")
     args, overrides = parser.parse_known_args()
     if not (Path(args.root) / "train").is_dir():

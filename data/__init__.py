@@ -98,11 +98,13 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     return train_set, val_set
 
 
-def check_in_memory(cfg: DataConfig) -> None:
-    """Refuse ``data.in_memory=true`` with a recipe the tensor path cannot run (before anything is built)."""
-    blocker = recipe_blocker(cfg)
-    if in_memory_setting(cfg.in_memory) == "true" and blocker:
+def check_in_memory(cfg: DataConfig) -> str | None:
+    """Refuse ``data.in_memory=true`` with a recipe the tensor path cannot run (before anything is built);
+    returns why the PIL path is needed, or None when the tensor path may be tried."""
+    setting, blocker = in_memory_setting(cfg.in_memory), recipe_blocker(cfg)
+    if setting == "true" and blocker:
         raise ConfigError(f"data.in_memory=true but {blocker}; set data.in_memory=auto (or false)")
+    return "data.in_memory=false" if setting == "false" else blocker
 
 
 def build_loaders(
@@ -117,11 +119,10 @@ def build_loaders(
     epoch's order depends only on (seed, epoch) and a resumed run sees the same batches as an
     uninterrupted one; each sample's augmentation depends only on (seed, epoch, index).
     """
-    check_in_memory(cfg)
+    reason = check_in_memory(cfg)
+    setting = in_memory_setting(cfg.in_memory)
     order = EpochOrder(len(train_set), seed, rank, world_size)
     val_order = ShardSampler(len(val_set), rank, world_size)
-    setting = in_memory_setting(cfg.in_memory)
-    reason = "data.in_memory=false" if setting == "false" else recipe_blocker(cfg)
     if reason is None:
         crop = digits_crop_flip(cfg) if cfg.name == "digits" else cifar_crop_flip(cfg)
         try:

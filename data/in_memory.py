@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 
+from data.digits import DigitsDataset
 from data.folder import load_rgb
 from data.transforms import CropFlip
 from models.placement import ConfigError
@@ -79,8 +80,6 @@ class ResidentImages:
 
 def _source(dataset: Dataset) -> tuple[list[str] | torch.Tensor, list[int]]:
     """The image files (or the tensor already in memory) behind ``dataset``, and its targets."""
-    from data.digits import DigitsDataset
-
     if isinstance(dataset, Subset):
         images, targets = _source(dataset.dataset)
         picked = list(dataset.indices)

@@ -51,6 +51,12 @@ class CropFlip:
                             "does not resize)")
         return crop_flip_params(seed, epoch, indices, height, width, self.size, self.padding, self.flip)
 
+    def __call__(self, image, seed: int, epoch: int, index: int):
+        """Sample ``index``'s crop (and flip) of one PIL image or (C, H, W) tensor: a TrainTransform's first step."""
+        height, width = image_size_of(image)
+        (top,), (left,), (flipped,) = self.params(seed, epoch, [index], height, width)
+        return self.one(image, top, left, flipped)
+
     def one(self, image, top: int, left: int, flipped: bool):
         """Apply to one PIL image or (C, H, W) tensor."""
         if self.padding:
@@ -90,15 +96,6 @@ class TrainTransform:
         return image
 
 
-def _crop_flip_step(crop_flip: CropFlip) -> Callable:
-    """The contract's pad-crop-flip as a per-sample step of a TrainTransform."""
-    def step(image, seed: int, epoch: int, index: int):
-        height, width = image_size_of(image)
-        (top,), (left,), (flipped,) = crop_flip.params(seed, epoch, [index], height, width)
-        return crop_flip.one(image, top, left, flipped)
-    return step
-
-
 def cifar_crop_flip(cfg: DataConfig) -> CropFlip:
     """He et al. 2016's pad-4 random crop and horizontal flip."""
     return CropFlip(cfg.image_size, CIFAR_PADDING, flip=True)
@@ -117,7 +114,7 @@ def cifar_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
         }
         library.append(rand_augment_transform(cfg.randaugment, hparams))
     after = [RandomErasing(cfg.reprob, mode="pixel", device="cpu")] if cfg.reprob > 0 else []
-    return TrainTransform(_crop_flip_step(cifar_crop_flip(cfg)), library, post, after)
+    return TrainTransform(cifar_crop_flip(cfg), library, post, after)
 
 
 def digits_crop_flip(cfg: DataConfig) -> CropFlip:
@@ -129,7 +126,7 @@ def digits_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose
     """Digits are tensors already: a small random shift for training, then normalisation."""
     if not train:
         return T.Compose([_normalize(cfg)])
-    return TrainTransform(_crop_flip_step(digits_crop_flip(cfg)), [], [_normalize(cfg)], [])
+    return TrainTransform(digits_crop_flip(cfg), [], [_normalize(cfg)], [])
 
 
 RANDOM_INTERPOLATIONS = (T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC)  # timm's "random"

@@ -233,7 +233,8 @@ def evaluate(
     model.eval()
     device = precision.device
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, multi-label scored
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
+    scored_multi = torch.zeros((), dtype=torch.float64, device=device)  # multi-hot images with a label
     images = scored_single = 0  # counted on the host: no device tensor built from a host number per batch
     start = time.perf_counter()
     skipped: list[str] = []
@@ -251,17 +252,17 @@ def evaluate(
         if y.dim() == 2:  # multi-hot
             loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).sum()
             hits = y.gather(1, top) > 0
-            scored = (y > 0).any(1).sum()
+            scored_multi += (y > 0).any(1).sum()
         else:
             loss = F.cross_entropy(logits, y, reduction="sum")
             hits = top.eq(y[:, None])
-            scored = torch.zeros((), device=device)
             scored_single += len(y)
         images += len(y)
-        sums += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), scored]).double()
+        sums += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum()]).double()
     elapsed = time.perf_counter() - start
     counts = torch.tensor([scored_single, images], dtype=torch.float64, device=device)
-    loss, top1, top5, scored_multi, scored_single, n = all_reduce_sum(torch.cat([sums, counts])).tolist()
+    loss, top1, top5, scored_multi, scored_single, n = all_reduce_sum(
+        torch.cat([sums, scored_multi.reshape(1), counts])).tolist()
     n, scored = max(n, 1), max(scored_multi + scored_single, 1)
     return {
         "top1_err": 100.0 * (1 - top1 / scored), "top5_err": 100.0 * (1 - top5 / scored), "loss": loss / n,

@@ -1,35 +1,20 @@
-"""Attention blocks: shapes, the paper's widths and parameter counts, equality with timm."""
+"""Attention blocks: the contract of every registered block, the papers' widths and parameter counts,
+equality with timm, and what the blocks attend to."""
 import pytest
 import torch
-from timm.layers import SEModule
+from timm.layers import EcaModule, SEModule
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.complexity import count_params
 from models import build_model
-from models.attention import SqueezeExcite
-
-
-@pytest.mark.parametrize("channels,reduction", [(64, 16), (256, 16), (48, 4), (100, 8)])
-def test_se_matches_timm_with_the_paper_width(channels, reduction):
-    ours = SqueezeExcite(channels, reduction)
-    theirs = SEModule(channels, rd_channels=channels // reduction)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, channels, 7, 5)
-    torch.testing.assert_close(ours(x), theirs(x))
-
-
-def test_se_width_is_exactly_c_over_r_not_rounded_like_timm():
-    se = SqueezeExcite(64, reduction=16)
-    assert se.fc1.out_channels == 4
-    assert SEModule(64, rd_ratio=1 / 16).fc1.out_channels == 8  # timm's default rounds to 8
-
-
-@pytest.mark.parametrize("channels", [64, 72, 200, 2048])
-def test_se_divisor_option_gives_timms_default_module(channels):
-    ours = SqueezeExcite(channels, reduction=16, divisor=8)
-    theirs = SEModule(channels)  # timm's defaults: rd_ratio 1/16, rd_divisor 8
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, channels, 3, 3)
-    torch.testing.assert_close(ours(x), theirs(x))
+from models.attention import (ATTENTION_BLOCKS, CBAM, ECA, CoordAttention, CrissCrossAttention, DualAttention,
+                              GlobalContext, LocalSelfAttention, MultiHeadSelfAttention2d, NonLocal, Outlook,
+                              SpatialTransformer, SqueezeExcite)
+from models.attention.base import MAP_POSITIONS, SPATIAL_POSITIONS, AttentionBlock
+from models.attention.eca import eca_kernel_size
+from models.attention.maps import attention_maps, blocks_with_maps, has_maps
+from models.attention.outlook import OutlookAttention
 
 
 def test_se_bias_option():
@@ -64,44 +49,28 @@ def test_se_gate_scales_each_channel_by_a_factor_in_0_1():
     assert (ratio > 0).all() and (ratio < 1).all()
 
 
-# The SE paper's reduction-ratio ablation (Table 5 / official model): SE-ResNet-50 parameters.
-@pytest.mark.parametrize("reduction,params", [
-    (2, 45_699_240), (4, 35_635_688), (8, 30_603_912), (16, 28_088_024), (32, 26_830_080),
-])
-def test_se_resnet50_parameter_counts(reduction, params):
-    model = build_model({"name": "resnet50", "stem": "imagenet"}, {"name": "se", "reduction": reduction})
-    assert count_params(model) == params
+# --- every registered block: the contract ---------------------------------------------------------
+# Parametrised over the registry's names; each test looks its class up by name when it runs and decides
+# from what the block declares (its positions, whether it has maps or a timm twin), so a test may
+# register a block (monkeypatch) and call these functions with its name (tests/test_contract.py does).
 
-
-# --- every block: the contract ------------------------------------------------------------------
-
-import timm.layers
-from timm.layers.cbam import CbamModule
-from timm.layers.coord_attn import CoordAttn
-from timm.models.volo import OutlookAttention as TimmOutlookAttention
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from models.attention import (ATTENTION_BLOCKS, CBAM, ECA, CoordAttention, CrissCrossAttention,
-                              DualAttention, GlobalContext, LocalSelfAttention, MultiHeadSelfAttention2d,
-                              NonLocal, Outlook, SpatialTransformer)
-from models.attention.eca import eca_kernel_size
-from models.attention.outlook import OutlookAttention
-
-GATES_AND_MIXERS = [n for n, cls in ATTENTION_BLOCKS.items() if "replace_spatial" not in cls.positions]
-REPLACERS = [n for n, cls in ATTENTION_BLOCKS.items() if "replace_spatial" in cls.positions]
 SHAPES = [(16, 4, 4), (32, 7, 7), (64, 5, 9), (48, 13, 6)]
 
 
-def make_block(name: str, channels: int, out_channels: int | None = None, stride: int = 1):
+def make_block(name: str, channels: int, out_channels: int | None = None, stride: int = 1, **kwargs) -> nn.Module:
+    """The registered block ``name`` for ``channels`` input channels, in the way its positions call it."""
     cls = ATTENTION_BLOCKS[name]
-    if name in REPLACERS:
-        return cls(channels, out_channels or channels, stride)
-    return cls(channels)
+    if "replace_spatial" in cls.positions:
+        return cls(channels, out_channels or channels, stride, **kwargs)
+    return cls(channels, **kwargs)
 
 
-def test_every_registered_block_is_covered():
-    assert set(GATES_AND_MIXERS) | set(REPLACERS) == set(ATTENTION_BLOCKS)
-    assert len(ATTENTION_BLOCKS) == 15
+def test_every_registered_block_declares_where_it_may_go():
+    for name, cls in ATTENTION_BLOCKS.items():
+        assert issubclass(cls, AttentionBlock), name
+        # a map block or a conv replacer: the two take different constructor arguments
+        assert cls.positions and (cls.positions <= MAP_POSITIONS or cls.positions <= SPATIAL_POSITIONS), name
+        assert cls.default_position is None or cls.default_position in cls.positions, name
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
@@ -118,13 +87,15 @@ def test_block_keeps_the_shape_and_passes_gradients(name, shape):
     assert all(p.grad is not None for p in block.parameters())
 
 
-@pytest.mark.parametrize("name", REPLACERS)
-@pytest.mark.parametrize("size", [(8, 8), (7, 7), (5, 9)])
-def test_replace_spatial_blocks_change_width_and_stride_like_a_conv(name, size):
-    block = make_block(name, 16, 32, stride=2)
-    conv = torch.nn.Conv2d(16, 32, 3, 2, 1)
-    x = torch.randn(1, 16, *size)
-    assert block(x).shape == conv(x).shape
+@pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
+def test_block_changes_width_and_stride_like_the_layer_it_takes(name):
+    """A conv replacer as the 3x3 conv it replaces (16 -> 32 channels, stride 2); a map block not at all."""
+    replaces_conv = "replace_spatial" in ATTENTION_BLOCKS[name].positions
+    block = make_block(name, 16, 32, stride=2) if replaces_conv else make_block(name, 16)
+    layer = nn.Conv2d(16, 32, 3, 2, 1) if replaces_conv else nn.Identity()
+    for size in [(8, 8), (7, 7), (5, 9)]:
+        x = torch.randn(1, 16, *size)
+        assert block(x).shape == layer(x).shape, size
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
@@ -137,20 +108,31 @@ def test_block_runs_batch_1_channels_last_and_bf16(name):
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
-def test_block_compiles_as_one_graph(name):
-    torch._dynamo.reset()
-    block = make_block(name, 16).eval()
-    x = torch.randn(2, 16, 8, 8)
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+def test_block_maps_are_well_formed(name):
+    """Channel gates (B, C) in [0, 1]; spatial and query maps (B, H, W); query maps are distributions.
+
+    A block with maps gives some for its default instance; one without (the base's default) gives none.
+    """
+    torch.manual_seed(0)
+    b, c, h, w = 2, 32, 7, 9  # not square, so a swapped H and W shows
+    block = make_block(name, c).eval()
+    maps = attention_maps(block, torch.randn(b, c, h, w), query=(0.3, 0.7))
+    assert bool(maps) == has_maps(block)
+    for key, (kind, m) in maps.items():
+        assert kind in ("channel", "spatial", "query"), key
+        assert m.shape == ((b, c) if kind == "channel" else (b, h, w)) and torch.isfinite(m).all(), key
+        if kind == "channel":
+            assert ((m >= 0) & (m <= 1)).all(), key
+        if kind == "query":
+            assert (m >= 0).all(), key
+            torch.testing.assert_close(m.sum((1, 2)), torch.ones(b), msg=key)
 
 
-@pytest.mark.slow
-def test_one_block_compiles_with_inductor():
-    torch._dynamo.reset()
-    block = CBAM(32).eval()
-    x = torch.randn(2, 32, 8, 8)
-    torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), rtol=1e-4, atol=1e-5)
+def test_modules_that_are_not_blocks_and_unweighted_pooling_give_no_maps():
+    x = torch.randn(1, 16, 5, 5)
+    assert attention_maps(nn.Conv2d(16, 16, 1), x) == {} and not has_maps(nn.Conv2d(16, 16, 1))
+    gc = GlobalContext(16, pooling="avg")
+    assert has_maps(gc) and attention_maps(gc, x) == {}  # every position weighs the same
 
 
 @pytest.mark.parametrize("block", [
@@ -162,79 +144,76 @@ def test_blocks_that_start_as_the_identity(block):
     torch.testing.assert_close(block.train()(x), x, rtol=1e-5, atol=1e-5)
 
 
-# --- equal to timm with copied weights ----------------------------------------------------------
+# --- equal to timm with copied weights (each block's timm_twin) ---------------------------------------
 
-def test_cbam_matches_timm_given_the_same_weights():
+def assert_equals_its_twin(block: nn.Module, channels: int) -> None:
+    """``block`` with random weights, in eval mode, computes what its timm twin computes."""
     torch.manual_seed(0)
-    ours = CBAM(64, reduction=16, bias=True).eval()
-    theirs = CbamModule(64, rd_channels=4, mlp_bias=True).eval()
-    state = {"channel.fc1.weight": ours.channel.fc1.weight, "channel.fc1.bias": ours.channel.fc1.bias,
-             "channel.fc2.weight": ours.channel.fc2.weight, "channel.fc2.bias": ours.channel.fc2.bias,
-             # timm stacks (mean, max), the official code (max, mean): swap the kernel's inputs
-             "spatial.conv.conv.weight": ours.spatial.conv.weight[:, [1, 0]],
-             **{f"spatial.conv.bn.{k}": v for k, v in ours.spatial.bn.state_dict().items()}}
-    theirs.load_state_dict(state)
-    x = torch.randn(2, 64, 7, 9)
-    torch.testing.assert_close(ours(x), theirs(x))
+    with torch.no_grad():
+        for p in block.parameters():  # not the zero inits (GC's last conv, non-local's BN), which hide weights
+            p.normal_(0, 0.1)
+    block.eval()
+    twin = block.timm_twin()
+    assert twin is not None and type(twin).__module__.startswith("timm.") and not twin.training
+    x = torch.randn(2, channels, 6, 7)
+    torch.testing.assert_close(twin(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
+def test_block_equals_its_timm_twin(name):
+    block = make_block(name, 64)
+    if block.timm_twin() is None:
+        pytest.skip(f"{name}: timm has no module computing it with these defaults")
+    assert_equals_its_twin(block, 64)
+
+
+@pytest.mark.parametrize("name,channels,kwargs", [
+    ("se", 48, {"reduction": 4}), ("se", 100, {"reduction": 8}),  # the paper's exact width
+    ("se", 72, {"divisor": 8}),  # timm's rounding
+    ("se", 64, {"gate": "tanh", "bias": False}),
+    ("cbam", 64, {"bias": False}), ("cbam", 64, {"spatial": False}), ("cbam", 64, {"kernel_size": 3}),
+    ("eca", 256, {}), ("eca", 64, {"kernel_size": 1}),
+    ("gc", 64, {"fusion": "mul"}), ("gc", 64, {"pooling": "avg"}),
+    ("nonlocal", 64, {"reduction": 8, "scale": 64 ** -0.5}),  # timm's width and scale
+], ids=str)
+def test_block_variant_equals_its_timm_twin(name, channels, kwargs):
+    assert_equals_its_twin(make_block(name, channels, **kwargs), channels)
+
+
+def test_hyper_parameters_timm_cannot_express_have_no_twin():
+    for name, kwargs in [("se", {"squeeze": "max"}), ("se", {"squeeze": "none"}), ("nonlocal", {"mode": "dot"}),
+                         ("nonlocal", {"subsample": True}), ("nonlocal", {"scale": 0.5})]:
+        assert make_block(name, 64, **kwargs).timm_twin() is None, (name, kwargs)
+
+
+def test_se_width_is_exactly_c_over_r_not_rounded_like_timm():
+    se = SqueezeExcite(64, reduction=16)
+    assert se.fc1.out_channels == 4
+    assert SEModule(64, rd_ratio=1 / 16).fc1.out_channels == 8  # timm's default rounds to 8
+
+
+@pytest.mark.parametrize("channels", [64, 72, 200, 2048])
+def test_se_divisor_option_gives_timms_default_width(channels):
+    assert SqueezeExcite(channels, reduction=16, divisor=8).fc1.out_channels == SEModule(channels).fc1.out_channels
 
 
 @pytest.mark.parametrize("channels", [64, 256, 2048])
-def test_eca_matches_timm_and_the_papers_kernel_sizes(channels):
-    ours = ECA(channels)
-    theirs = timm.layers.EcaModule(channels)
-    assert ours.conv.kernel_size == theirs.conv.kernel_size == (eca_kernel_size(channels),)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, channels, 5, 5)
-    torch.testing.assert_close(ours(x), theirs(x))
+def test_eca_picks_timms_and_the_papers_kernel_sizes(channels):
+    assert ECA(channels).conv.kernel_size == EcaModule(channels).conv.kernel_size == (eca_kernel_size(channels),)
     assert [eca_kernel_size(c) for c in (64, 256, 512, 1024, 2048)] == [3, 5, 5, 5, 7]
 
 
-def test_coordinate_attention_matches_timm_and_the_paper_width():
-    ours = CoordAttention(128, reduction=32).eval()
-    assert ours.conv1.out_channels == max(8, 128 // 32)
-    theirs = CoordAttn(128, rd_channels=ours.conv1.out_channels, bias=True).eval()
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 128, 7, 5)
-    torch.testing.assert_close(ours(x), theirs(x))
-
-
-@pytest.mark.parametrize("fusion", ["add", "mul"])
-def test_global_context_matches_timm(fusion):
-    torch.manual_seed(0)
-    ours = GlobalContext(64, reduction=16, fusion=fusion)
-    for p in ours.parameters():  # leave the zero init, so the outputs depend on every weight
-        torch.nn.init.normal_(p, std=0.1)
-    theirs = timm.layers.GlobalContext(64, fuse_add=fusion == "add", fuse_scale=fusion == "mul", rd_channels=4)
-    mlp = "mlp_add" if fusion == "add" else "mlp_scale"
-    t = ours.transform
-    theirs.load_state_dict({
-        "conv_attn.weight": ours.conv_mask.weight, "conv_attn.bias": ours.conv_mask.bias,
-        f"{mlp}.fc1.weight": t[0].weight, f"{mlp}.fc1.bias": t[0].bias,
-        f"{mlp}.norm.weight": t[1].weight.flatten(), f"{mlp}.norm.bias": t[1].bias.flatten(),
-        f"{mlp}.fc2.weight": t[3].weight, f"{mlp}.fc2.bias": t[3].bias,
-    })
-    getattr(theirs, mlp).norm.eps = t[1].eps  # timm's LayerNorm2d: 1e-6; the official nn.LayerNorm: 1e-5
-    x = torch.randn(2, 64, 6, 7)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
-
-
-def test_non_local_matches_timm_with_its_width_and_scale():
-    torch.manual_seed(0)
-    ours = NonLocal(64, reduction=8, scale=64 ** -0.5).eval()
-    torch.nn.init.normal_(ours.bn.weight)  # a zero gamma would hide everything but the shortcut
-    theirs = timm.layers.NonLocalAttn(64, rd_channels=8).eval()
-    names = {"theta": "t", "phi": "p", "g": "g", "W": "z", "bn": "norm"}
-    theirs.load_state_dict({f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in ours.state_dict().items()})
-    x = torch.randn(2, 64, 5, 6)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+def test_coordinate_attention_has_the_papers_width():
+    assert CoordAttention(128, reduction=32).conv1.out_channels == max(8, 128 // 32)
+    assert CoordAttention(512, reduction=32).conv1.out_channels == 512 // 32
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_outlook_attention_matches_timms_volo(stride):
     torch.manual_seed(0)
     ours = OutlookAttention(64, heads=2, stride=stride)
-    theirs = TimmOutlookAttention(64, num_heads=2, kernel_size=3, padding=1, stride=stride)
-    theirs.load_state_dict(ours.state_dict())
+    theirs = ours.timm_twin()
+    assert type(theirs).__module__ == "timm.models.volo"
     x = torch.randn(2, 7, 9, 64)
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
@@ -358,37 +337,46 @@ def test_outlook_plug_in_is_residual():
 
 # --- parameter counts of the papers' networks ----------------------------------------------------
 
-IMAGENET_R50 = {"name": "resnet50", "stem": "imagenet"}
+def resnet50_params(attention: dict) -> int:
+    """Parameters of the ImageNet ResNet-50 with ``attention``, built on the meta device: only shapes count."""
+    with torch.device("meta"):  # no memory and no init: a quarter of the time of a real build
+        return count_params(build_model({"name": "resnet50", "stem": "imagenet"}, attention))
+
+
+# The SE paper's reduction-ratio ablation (Table 5 / official model): SE-ResNet-50 parameters.
+@pytest.mark.parametrize("reduction,params", [
+    (2, 45_699_240), (4, 35_635_688), (8, 30_603_912), (16, 28_088_024), (32, 26_830_080),
+])
+def test_se_resnet50_parameter_counts(reduction, params):
+    assert resnet50_params({"name": "se", "reduction": reduction}) == params
 
 
 @pytest.mark.parametrize("stage,channels,units", [(1, 256, 3), (2, 512, 4), (3, 1024, 6), (4, 2048, 3)])
 def test_se_in_one_stage_adds_the_official_blocks_parameters(stage, channels, units):
     """The official SE block: two FCs with biases, C -> C/16 -> C, on every unit of the stage."""
-    base = count_params(build_model(IMAGENET_R50, {"name": "none"}))
-    model = build_model(IMAGENET_R50, {"name": "se", "stages": [stage]})
+    added = resnet50_params({"name": "se", "stages": [stage]}) - resnet50_params({"name": "none"})
     hidden = channels // 16
-    assert count_params(model) - base == units * (2 * channels * hidden + hidden + channels)
+    assert added == units * (2 * channels * hidden + hidden + channels)
 
 
 def test_cbam_resnet50_parameters():
     """SE's MLP plus a 7x7x2 conv and a 1-channel BN per unit: 28.09M (CBAM paper, Table 4)."""
-    cbam = count_params(build_model(IMAGENET_R50, {"name": "cbam"}))
-    se = count_params(build_model(IMAGENET_R50, {"name": "se"}))
+    cbam = resnet50_params({"name": "cbam"})
+    se = resnet50_params({"name": "se"})
     assert cbam - se == 16 * (7 * 7 * 2 + 2) and round(cbam / 1e6, 2) == 28.09
 
 
 def test_eca_resnet50_adds_a_handful_of_parameters():
     """The official eca_resnet50 (k = 3 in every unit) adds 3 weights to each of the 16 units."""
-    base = count_params(build_model(IMAGENET_R50, {"name": "none"}))
-    assert count_params(build_model(IMAGENET_R50, {"name": "eca", "kernel_size": 3})) - base == 16 * 3
-    adaptive = count_params(build_model(IMAGENET_R50, {"name": "eca"})) - base
+    base = resnet50_params({"name": "none"})
+    assert resnet50_params({"name": "eca", "kernel_size": 3}) - base == 16 * 3
+    adaptive = resnet50_params({"name": "eca"}) - base
     assert adaptive == 3 * 5 + 4 * 5 + 6 * 5 + 3 * 7  # k(256)=k(512)=k(1024)=5, k(2048)=7
 
 
 def test_gc_resnet50_parameters():
     """GC r=16 after the last 1x1 of every c3-c5 unit: 28.08M (GCNet paper, Table 2)."""
-    model = build_model(IMAGENET_R50, {"name": "gc", "stages": [2, 3, 4]})
-    assert round(count_params(model) / 1e6, 2) == 28.08
+    assert round(resnet50_params({"name": "gc", "stages": [2, 3, 4]}) / 1e6, 2) == 28.08
 
 
 def test_non_local_macs_count_its_attention_matmuls():
@@ -426,18 +414,15 @@ def test_triplet_attention_has_three_7x7_gates_and_averages_them():
     torch.testing.assert_close(block.eval()(x), x * 0.5)  # every gate is sigmoid(0)
 
 
-# --- what the blocks attend to (models/attention/maps.py) ------------------------------------------
-
-from models.attention.maps import attention_maps  # noqa: E402
-
+# --- what the blocks attend to (each block's attention_maps) -----------------------------------------
 
 def test_channel_and_spatial_gates_are_the_ones_the_blocks_apply():
     torch.manual_seed(0)
     x = torch.randn(2, 32, 6, 7)
-    for block in (SqueezeExcite(32, 4), ATTENTION_BLOCKS["eca"](32)):
+    for block in (SqueezeExcite(32, 4), ECA(32)):
         gate = attention_maps(block, x)["channel gate"][1]
         torch.testing.assert_close(block(x), x * gate[:, :, None, None])
-    cbam = ATTENTION_BLOCKS["cbam"](32, 4).eval()
+    cbam = CBAM(32, 4).eval()
     maps = attention_maps(cbam, x)
     expected = x * maps["channel gate"][1][:, :, None, None] * maps["spatial gate"][1][:, None]
     torch.testing.assert_close(cbam(x), expected)
@@ -445,7 +430,7 @@ def test_channel_and_spatial_gates_are_the_ones_the_blocks_apply():
 
 def test_non_local_query_map_is_the_row_of_its_attention_matrix():
     torch.manual_seed(0)
-    block = ATTENTION_BLOCKS["nonlocal"](16)
+    block = NonLocal(16)
     x = torch.randn(1, 16, 5, 6)
     weights = attention_maps(block, x, query=(0.5, 0.5))["query attention"][1]  # row 2, column 3
     theta, phi = block.theta(x).flatten(2)[0], block.phi(x).flatten(2)[0]  # C', N
@@ -453,15 +438,30 @@ def test_non_local_query_map_is_the_row_of_its_attention_matrix():
     torch.testing.assert_close(weights.flatten(), full[2 * 6 + 3])
 
 
-@pytest.mark.parametrize("name", ["criss_cross", "danet", "mhsa", "sasa", "outlook", "nonlocal"])
-def test_query_maps_are_distributions_where_the_block_looks(name):
+@pytest.mark.parametrize("mode", ["dot", "concat"])
+def test_non_local_normalised_maps_divide_by_the_key_count(mode):
+    """``dot`` and ``concat`` weigh by f / N: the query's row, batch by batch."""
     torch.manual_seed(0)
-    cls = ATTENTION_BLOCKS[name]
-    block = cls(32, 32, 1) if "replace_spatial" in cls.positions else cls(32)
+    block = NonLocal(16, mode=mode)
+    x = torch.randn(2, 16, 4, 5)
+    weights = attention_maps(block, x, query=(0.0, 0.0))["query attention"][1]  # B, 4, 5
+    theta, phi = block.theta(x).flatten(2), block.phi(x).flatten(2)  # B, C', N
+    if mode == "dot":
+        expected = torch.einsum("bc,bcn->bn", theta[:, :, 0], phi) / 20
+    else:
+        wq, wk = block.concat_project.weight.flatten().chunk(2)
+        expected = torch.relu(torch.einsum("c,bc->b", wq, theta[:, :, 0])[:, None]
+                              + torch.einsum("c,bcn->bn", wk, phi)) / 20
+    torch.testing.assert_close(weights.flatten(1), expected)
+
+
+@pytest.mark.parametrize("name", ["criss_cross", "danet", "mhsa", "sasa", "outlook", "nonlocal"])
+def test_query_maps_are_where_the_block_looks(name):
+    torch.manual_seed(0)
+    block = make_block(name, 32).eval()
     x = torch.randn(2, 32, 9, 9)
-    (kind, weights), = attention_maps(block.eval(), x, query=(0.5, 0.5)).values()  # row 4, column 4
-    assert kind == "query" and weights.shape == (2, 9, 9) and (weights >= 0).all()
-    torch.testing.assert_close(weights.sum((1, 2)), torch.ones(2))
+    (kind, weights), = attention_maps(block, x, query=(0.5, 0.5)).values()  # row 4, column 4
+    assert kind == "query" and weights.shape == (2, 9, 9)
     rows, cols = (weights[0] > 0).nonzero(as_tuple=True)
     if name == "criss_cross":  # its row and its column only
         assert ((rows == 4) | (cols == 4)).all()
@@ -473,17 +473,45 @@ def test_query_maps_are_distributions_where_the_block_looks(name):
         assert len(rows) > 9  # beyond any local window
 
 
-@pytest.mark.parametrize("name", [n for n in ATTENTION_BLOCKS if n not in ("simam", "triplet")])
-def test_every_probed_block_renders_maps_of_the_images_size(name):
+def test_blocks_with_maps_are_the_models_blocks_that_have_them():
+    model = build_model({"name": "resnet20"}, {"name": "cbam", "stages": [-1]}, num_classes=10)
+    found = blocks_with_maps(model)
+    assert len(found) == 3 and all(isinstance(block, CBAM) for _, block in found)  # the last stage's units
+    assert dict(model.named_modules())[found[0][0]] is found[0][1]
+    assert blocks_with_maps(build_model({"name": "resnet20"}, {"name": "simam"}, num_classes=10)) == []
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
+def test_every_block_renders_its_maps_at_the_images_size(name):
     from engine.visualize import render_attention
-    from models import build_model
 
     torch.manual_seed(0)
     model = build_model({"name": "resnet20"}, {"name": name, "stages": [-1]}, num_classes=10).eval()
     display = torch.rand(2, 3, 32, 32)
     rendered = render_attention(model, (display - 0.5) / 0.5, display, query=(0.3, 0.7))
-    assert rendered[0] and rendered[0].keys() == rendered[1].keys()
+    assert bool(rendered[0]) == bool(blocks_with_maps(model)) and rendered[0].keys() == rendered[1].keys()
     for per_image in rendered:
         for key, array in per_image.items():
             assert array.shape == (32, 32, 3) and array.dtype.name == "uint8", key
             assert array.std() > 0, key  # not a blank image
+
+
+# --- every registered block compiles --------------------------------------------------------------
+# Last in the file: the slowest tests, and pytest-xdist hands out the last tests in the smallest
+# chunks, so these spread over the workers instead of queueing on one.
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
+def test_block_compiles_as_one_graph(name):
+    torch._dynamo.reset()
+    block = make_block(name, 16).eval()
+    x = torch.randn(2, 16, 8, 8)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_block_compiles_with_inductor():
+    torch._dynamo.reset()
+    block = CBAM(32).eval()
+    x = torch.randn(2, 32, 8, 8)
+    torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), rtol=1e-4, atol=1e-5)

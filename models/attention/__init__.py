@@ -1,4 +1,5 @@
 """Attention blocks, one per file, and the registry that maps config names to them."""
+from models.attention.base import AttentionBlock
 from models.attention.cbam import CBAM
 from models.attention.coord import CoordAttention
 from models.attention.criss_cross import CrissCrossAttention
@@ -34,4 +35,4 @@ ATTENTION_BLOCKS = {
     "triplet": TripletAttention,
 }
 
-__all__ = ["ATTENTION_BLOCKS", *(cls.__name__ for cls in ATTENTION_BLOCKS.values())]
+__all__ = ["ATTENTION_BLOCKS", "AttentionBlock", *(cls.__name__ for cls in ATTENTION_BLOCKS.values())]

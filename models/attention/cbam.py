@@ -7,10 +7,13 @@ As the official code: the channel MLP (C -> C/r -> C, with biases) is shared by 
 max-pooled descriptors and their outputs are summed before the sigmoid; the spatial gate is a
 7x7 conv (no bias) + BN over the channel-wise (max, mean) maps. timm's ``CbamModule`` differs:
 no MLP biases by default (``bias=False`` here gives that) and (mean, max) channel order (a
-permutation of the 7x7 kernel's two input channels, so no option is needed).
+permutation of the 7x7 kernel's two input channels, so no option is needed; ``timm_twin`` swaps them).
 """
 import torch
+from timm.layers.cbam import CbamModule, ChannelAttn
 from torch import nn
+
+from models.attention.base import AttentionBlock, Maps
 
 
 class ChannelGate(nn.Module):
@@ -56,7 +59,7 @@ class SpatialGate(nn.Module):
         return x * self.gate(x)
 
 
-class CBAM(nn.Module):
+class CBAM(AttentionBlock):
     """Channel attention followed by spatial attention, applied in sequence.
 
     Args:
@@ -68,7 +71,6 @@ class CBAM(nn.Module):
     """
 
     default_position = "standard"
-    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, bias: bool = True,
                  spatial: bool = True):
@@ -79,3 +81,25 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         return self.spatial(self.channel(x))
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The channel gate (B, C) and the spatial gate (B, H, W) applied after it."""
+        channel = self.channel.gate(x)  # B, C, 1, 1
+        maps = {"channel gate": ("channel", channel.flatten(1))}
+        if isinstance(self.spatial, SpatialGate):
+            maps["spatial gate"] = ("spatial", self.spatial.gate(x * channel)[:, 0])
+        return maps
+
+    def timm_twin(self) -> nn.Module:
+        """timm's ``CbamModule`` (its ``ChannelAttn`` without the spatial gate) with this block's weights."""
+        fc1 = self.channel.fc1
+        width = dict(rd_channels=fc1.out_channels, mlp_bias=fc1.bias is not None)
+        if not isinstance(self.spatial, SpatialGate):
+            return self._loaded_twin(ChannelAttn(fc1.in_channels, **width), self.channel.state_dict())
+        twin = CbamModule(fc1.in_channels, spatial_kernel_size=self.spatial.conv.kernel_size[0], **width)
+        return self._loaded_twin(twin, {
+            **{f"channel.{k}": v for k, v in self.channel.state_dict().items()},
+            # timm stacks (mean, max), the official code (max, mean): swap the kernel's inputs
+            "spatial.conv.conv.weight": self.spatial.conv.weight[:, [1, 0]],
+            **{f"spatial.conv.bn.{k}": v for k, v in self.spatial.bn.state_dict().items()},
+        })

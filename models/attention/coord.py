@@ -6,13 +6,16 @@ https://arxiv.org/abs/2103.02907 . Reference code: https://github.com/houqb/Coor
 As the official code: average pooling along W and along H, concatenated and passed through a shared
 1x1 conv to mip = max(8, C // r) channels (with bias) + BN + h-swish, split, and two 1x1 convs (with
 bias) + sigmoid give a_h (B, C, H, 1) and a_w (B, C, 1, W); out = x * a_h * a_w. timm's ``CoordAttn``
-differs by default: width make_divisible(C / 16 * 2/3, 8), no conv biases.
+differs by default: width make_divisible(C / 16 * 2/3, 8), no conv biases (``timm_twin`` sets both).
 """
 import torch
+from timm.layers.coord_attn import CoordAttn
 from torch import nn
 
+from models.attention.base import AttentionBlock, Maps
 
-class CoordAttention(nn.Module):
+
+class CoordAttention(AttentionBlock):
     """Direction-aware channel attention from pooling along each spatial axis.
 
     Args:
@@ -22,7 +25,6 @@ class CoordAttention(nn.Module):
     """
 
     default_position = None  # the backbone's: after the block's depthwise conv on mobile networks
-    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, reduction: int = 32, min_width: int = 8):
         super().__init__()
@@ -46,3 +48,12 @@ class CoordAttention(nn.Module):
         """x: (B, C, H, W) -> (B, C, H, W)."""
         a_h, a_w = self.gates(x)
         return x * a_h * a_w
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """a_h x a_w averaged over channels (B, H, W)."""
+        a_h, a_w = self.gates(x)  # B, C, H, 1 and B, C, 1, W
+        return {"a_h x a_w": ("spatial", (a_h * a_w).mean(1))}
+
+    def timm_twin(self) -> nn.Module:
+        """timm's ``CoordAttn`` with this width, conv biases and weights."""
+        return self._loaded_twin(CoordAttn(self.conv1.in_channels, rd_channels=self.conv1.out_channels, bias=True))

@@ -12,8 +12,10 @@ position. Pure PyTorch: row and column attention as einsums, never an (HW) x (HW
 import torch
 from torch import nn
 
+from models.attention.base import AttentionBlock, Maps, query_index
 
-class CrissCrossAttention(nn.Module):
+
+class CrissCrossAttention(AttentionBlock):
     """Recurrent criss-cross attention with a gamma-scaled residual.
 
     Args:
@@ -23,7 +25,6 @@ class CrissCrossAttention(nn.Module):
     """
 
     default_position = "post"
-    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
         super().__init__()
@@ -34,16 +35,22 @@ class CrissCrossAttention(nn.Module):
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """One criss-cross pass: x (B, C, H, W) -> x + gamma * attention (B, C, H, W)."""
+    def row_column_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) -> each position's weights over its column (B, H, W, H) and its row (B, H, W, W)."""
         h = x.shape[2]
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k = self.query(x), self.key(x)
         e_col = torch.einsum("bchw,bckw->bhwk", q, k)  # B, H, W, H: attend down the column
         self_mask = torch.eye(h, dtype=torch.bool, device=x.device).view(h, 1, h)
         e_col = e_col.masked_fill(self_mask, float("-inf"))  # the position itself counts once, in its row
         e_row = torch.einsum("bchw,bchk->bhwk", q, k)  # B, H, W, W: attend along the row
         att = torch.softmax(torch.cat([e_col, e_row], dim=3), dim=3)
         a_col, a_row = att.split([h, att.shape[3] - h], dim=3)
+        return a_col, a_row
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """One criss-cross pass: x (B, C, H, W) -> x + gamma * attention (B, C, H, W)."""
+        a_col, a_row = self.row_column_weights(x)
+        v = self.value(x)
         out = torch.einsum("bhwk,bckw->bchw", a_col, v) + torch.einsum("bhwk,bchk->bchw", a_row, v)
         return x + self.gamma * out
 
@@ -52,3 +59,13 @@ class CrissCrossAttention(nn.Module):
         for _ in range(self.recurrence):
             x = self.attend(x)
         return x
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The first pass's weights of the query over its row and column (B, H, W), the self position once."""
+        b, _, h, w = x.shape
+        i, j = query_index(h, w, query)
+        a_col, a_row = self.row_column_weights(x)
+        weights = x.new_zeros(b, h, w)
+        weights[:, :, j] += a_col[:, i, j]  # zero at (i, j): masked in the column
+        weights[:, i, :] += a_row[:, i, j]
+        return {"query attention": ("query", weights)}

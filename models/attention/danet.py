@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.base import AttentionBlock, Maps, query_index
+
 
 class PositionAttention(nn.Module):
     """Self-attention over positions; returns the attended features (without the residual)."""
@@ -23,11 +25,16 @@ class PositionAttention(nn.Module):
         self.key = nn.Conv2d(channels, inner, 1)
         self.value = nn.Conv2d(channels, channels, 1)
 
+    def query_key(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) -> queries and keys (B, 1, N, C'), one head."""
+        q = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, N, C'
+        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        return q, k
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         b, c, h, w = x.shape
-        q = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, N, C'
-        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        q, k = self.query_key(x)
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)  # B, 1, N, C
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         return out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
@@ -45,7 +52,7 @@ class ChannelAttention(nn.Module):
         return (torch.softmax(energy, dim=-1) @ flat).view(b, c, h, w)
 
 
-class DualAttention(nn.Module):
+class DualAttention(AttentionBlock):
     """x + gamma_p * PAM(x) + gamma_c * CAM(x).
 
     Args:
@@ -54,7 +61,6 @@ class DualAttention(nn.Module):
     """
 
     default_position = "post"
-    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, reduction: int = 8):
         super().__init__()
@@ -66,3 +72,12 @@ class DualAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         return x + self.gamma_p * self.pam(x) + self.gamma_c * self.cam(x)
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The position attention's weights of the query over all positions (B, H, W)."""
+        b, _, h, w = x.shape
+        i, j = query_index(h, w, query)
+        q, k = self.pam.query_key(x)
+        q = q[:, :, i * w + j].unsqueeze(2)  # B, 1, 1, C'
+        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # B, 1, 1, N; unscaled, as forward
+        return {"position attention": ("query", weights.view(b, h, w))}

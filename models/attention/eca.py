@@ -6,12 +6,16 @@ https://github.com/BangguWu/ECANet
 
 The kernel size follows the paper's formula k = |(log2 C + b) / gamma| rounded to the nearest odd
 number (gamma=2, b=1), or is fixed by ``kernel_size`` (the official ECA-ResNets fix k=3). timm's
-``EcaModule`` never goes below k=3; here small C may give k=1 as the formula says.
+``EcaModule`` never goes below k=3 when it picks k from C; here small C may give k=1 as the formula
+says (``timm_twin`` passes timm the kernel size itself, so every k has a twin).
 """
 import math
 
 import torch
+from timm.layers import EcaModule
 from torch import nn
+
+from models.attention.base import AttentionBlock, Maps
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -20,7 +24,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
-class ECA(nn.Module):
+class ECA(AttentionBlock):
     """Global average pool -> 1-D conv across channels (no bias) -> sigmoid -> scale.
 
     Args:
@@ -30,7 +34,6 @@ class ECA(nn.Module):
     """
 
     default_position = "standard"
-    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, kernel_size: int | None = None, gamma: float = 2, b: float = 1):
         super().__init__()
@@ -39,8 +42,20 @@ class ECA(nn.Module):
             raise ValueError(f"eca: kernel_size={k} must be odd and positive")
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> channel weights (B, C, 1, 1) in (0, 1)."""
         b, c = x.shape[:2]
         y = self.conv(x.mean((2, 3)).view(b, 1, c))  # B, 1, C
-        return x * torch.sigmoid(y).view(b, c, 1, 1)
+        return torch.sigmoid(y).view(b, c, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return x * self.gate(x)
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The channel gate (B, C)."""
+        return {"channel gate": ("channel", self.gate(x).flatten(1))}
+
+    def timm_twin(self) -> nn.Module:
+        """timm's ``EcaModule`` with this kernel size and weights."""
+        return self._loaded_twin(EcaModule(kernel_size=self.conv.kernel_size[0]))

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.base import SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
+
 
 def relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
     """A (2M-1, d) table of offsets -(M-1)..M-1 -> the (2*size-1, d) table for offsets up to size-1."""
@@ -33,7 +35,7 @@ def relative_logits(q: torch.Tensor, table: torch.Tensor, size: int) -> torch.Te
     return rel.gather(-1, offset.expand(*rel.shape[:-1], size))
 
 
-class MultiHeadSelfAttention2d(nn.Module):
+class MultiHeadSelfAttention2d(AttentionBlock):
     """All-to-all attention over positions, heads of width out_channels / heads.
 
     Args:
@@ -44,7 +46,7 @@ class MultiHeadSelfAttention2d(nn.Module):
     """
 
     default_position = "replace_spatial"
-    positions = frozenset({"replace_spatial"})
+    positions = SPATIAL_POSITIONS
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, heads: int = 4,
                  max_size: int = 14, rel_pos: bool = True):
@@ -68,13 +70,32 @@ class MultiHeadSelfAttention2d(nn.Module):
         bias = lh.permute(0, 1, 3, 2, 4).unsqueeze(-1) + lw.unsqueeze(-2)  # B, n, H, W, H(k), W(k)
         return bias.reshape(b, n, h * w, h * w)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, C_in, H, W) -> q, k, v (B, heads, HW, d)."""
+        b, _, h, w = x.shape
+        qkv = self.qkv(x).reshape(b, 3, self.heads, self.dim, h * w).transpose(-1, -2)  # B, 3, n, HW, d
+        return qkv.unbind(1)
+
+    def _bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor | None:
+        """q (B, heads, HW, d), unscaled -> the relative logits (B, heads, HW, HW); None without them."""
+        return self.position_bias(q * self.dim ** -0.5, h, w).to(q.dtype) if self.rel_h is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
         b, _, h, w = x.shape
-        qkv = self.qkv(x).reshape(b, 3, self.heads, self.dim, h * w).transpose(-1, -2)  # B, 3, n, HW, d
-        q, k, v = qkv.unbind(1)
-        scale = self.dim ** -0.5
-        bias = self.position_bias(q * scale, h, w).to(q.dtype) if self.rel_h is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # B, n, HW, d
-        out = out.transpose(-1, -2).reshape(b, self.heads * self.dim, h, w)
+        q, k, v = self._qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(q, h, w), scale=self.dim ** -0.5)
+        out = out.transpose(-1, -2).reshape(b, self.heads * self.dim, h, w)  # B, n, HW, d -> B, C_out, H, W
         return self.pool(out)
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The query's softmax weights over all positions, averaged over heads (B, H, W), before the pool."""
+        b, _, h, w = x.shape
+        i, j = query_index(h, w, query)
+        q, k, _ = self._qkv(x)
+        row = slice(i * w + j, i * w + j + 1)  # the query's row of the logits
+        logits = (q[:, :, row] * self.dim ** -0.5) @ k.transpose(-1, -2)  # B, n, 1, HW
+        bias = self._bias(q, h, w)
+        if bias is not None:
+            logits = logits + bias[:, :, row]
+        return {"query attention": ("query", torch.softmax(logits, dim=-1).mean(1).view(b, h, w))}

@@ -10,16 +10,20 @@ initialised to zero so the block starts as the identity. Pairwise functions: ``e
 (ReLU(w^T [theta_i, phi_j]) / N). The softmax forms run through ``scaled_dot_product_attention``
 with the paper's scale of 1 (memory linear in H*W where a fused kernel applies); ``dot`` uses the
 associativity theta (phi^T g) / N, also linear. timm's ``NonLocalAttn`` differs: inner width C / 8
-rounded to 8, logits scaled by C^-1/2 (``scale=C**-0.5`` here), no subsampling.
+rounded to 8, logits scaled by C^-1/2 (``scale=C**-0.5`` here), no subsampling, embedded Gaussian
+only; ``timm_twin`` gives it for that mode at scale 1 or C^-1/2 without subsampling, any width.
 """
 import torch
 import torch.nn.functional as F
+from timm.layers import NonLocalAttn
 from torch import nn
+
+from models.attention.base import AttentionBlock, Maps, query_index
 
 MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 
 
-class NonLocal(nn.Module):
+class NonLocal(AttentionBlock):
     """Self-attention over all positions, added back through a zero-initialised BN.
 
     Args:
@@ -31,7 +35,6 @@ class NonLocal(nn.Module):
     """
 
     default_position = "post"
-    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, mode: str = "embedded_gaussian", reduction: int = 2,
                  subsample: bool = False, scale: float = 1.0):
@@ -56,9 +59,11 @@ class NonLocal(nn.Module):
         nn.init.zeros_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        b, _, h, w = x.shape
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) -> queries (B, N, C'), keys (B, M, C'), values (B, M, C'); M after subsampling.
+
+        ``gaussian`` has no embedding: its queries and keys are x itself (C channels).
+        """
         g = self.pool(self.g(x)).flatten(2).transpose(1, 2)  # B, M, C'
         if self.mode == "gaussian":
             q = x.flatten(2).transpose(1, 2)  # B, N, C
@@ -66,15 +71,54 @@ class NonLocal(nn.Module):
         else:
             q = self.theta(x).flatten(2).transpose(1, 2)  # B, N, C'
             k = self.pool(self.phi(x)).flatten(2).transpose(1, 2)  # B, M, C'
+        return q, k, g
+
+    def _concat_relation(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q (B, N, C'), k (B, M, C') -> ReLU(w^T [theta_i, phi_j]) (B, N, M), before the 1/M."""
+        # w^T [theta_i, phi_j] = a^T theta_i + b^T phi_j: two 1-channel maps, then an N x M ReLU
+        wq, wk = self.concat_project.weight.flatten().chunk(2)
+        return F.relu((q @ wq).unsqueeze(2) + (k @ wk).unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        b, _, h, w = x.shape
+        q, k, g = self._embed(x)
         if self.mode in ("embedded_gaussian", "gaussian"):
             y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), g.unsqueeze(1),
                                                scale=self.scale).squeeze(1)  # B, N, C'
         elif self.mode == "dot":
             y = q @ (k.transpose(1, 2) @ g) / k.shape[1]  # theta (phi^T g) / M: never N x M
         else:
-            # w^T [theta_i, phi_j] = a^T theta_i + b^T phi_j: two 1-channel maps, then an N x M ReLU
-            wq, wk = self.concat_project.weight.flatten().chunk(2)
-            f = F.relu((q @ wq).unsqueeze(2) + (k @ wk).unsqueeze(1))  # B, N, M
-            y = f @ g / k.shape[1]
+            y = self._concat_relation(q, k) @ g / k.shape[1]
         y = y.transpose(1, 2).reshape(b, -1, h, w)  # B, C', H, W
         return x + self.bn(self.W(y))
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The query position's weights f(x_i, x_j) / C(x) over the (subsampled) keys: (B, h, w)."""
+        b, _, h, w = x.shape
+        i, j = query_index(h, w, query)
+        q, k, _ = self._embed(x)
+        q = q[:, i * w + j].unsqueeze(1)  # B, 1, C'
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            weights = torch.softmax(q @ k.transpose(1, 2) * self.scale, dim=-1)  # B, 1, M
+        elif self.mode == "dot":
+            weights = q @ k.transpose(1, 2) / k.shape[1]
+        else:
+            weights = self._concat_relation(q, k) / k.shape[1]
+        keys = self.pool(x[:1, :1]).shape[2:]  # the keys' grid: what the subsampling leaves of H x W
+        return {"query attention": ("query", weights.view(b, *keys))}
+
+    def timm_twin(self) -> nn.Module | None:
+        """timm's ``NonLocalAttn`` with this width and weights; None where it has no equivalent.
+
+        timm has only the embedded Gaussian, without subsampling, at logit scale 1 or C^-1/2.
+        """
+        channels = self.bn.num_features
+        expressible = (self.mode == "embedded_gaussian" and isinstance(self.pool, nn.Identity)
+                       and self.scale in (1.0, channels ** -0.5))
+        if not expressible:
+            return None
+        twin = NonLocalAttn(channels, use_scale=self.scale != 1.0, rd_channels=self.g.out_channels)
+        names = {"theta": "t", "phi": "p", "g": "g", "W": "z", "bn": "norm"}
+        return self._loaded_twin(twin, {f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
+                                        for k, v in self.state_dict().items()})

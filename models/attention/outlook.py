@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.base import AttentionBlock, Maps, query_index
+
 
 def _unfold_heads(t: torch.Tensor, heads: int, k: int, padding: int, stride: int) -> torch.Tensor:
     """(B, C, H, W) -> the K x K window of every window position: (B, heads, L, K*K, C/heads)."""
@@ -54,7 +56,9 @@ class OutlookAggregate(torch.autograd.Function):
         return grad_a, grad_v, None, None, None
 
 
-class OutlookAttention(nn.Module):
+# An AttentionBlock for its maps and timm twin; not registered (a token mixer on (B, H, W, C)), so its
+# positions are never read.
+class OutlookAttention(AttentionBlock):
     """Outlook attention on channels-last tokens.
 
     Args:
@@ -75,20 +79,50 @@ class OutlookAttention(nn.Module):
         self.attn = nn.Linear(dim, kernel_size ** 4 * heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H, W, C)."""
-        b, h, w, c = x.shape
+    def window_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> each window's K*K outputs' weights over its K*K inputs (B, heads, L, K*K, K*K).
+
+        L = ceil(H / stride) * ceil(W / stride) windows, generated from the stride-pooled centre tokens.
+        """
+        b, h, w, _ = x.shape
         kk, n = self.k * self.k, self.heads
         gh, gw = math.ceil(h / self.stride), math.ceil(w / self.stride)  # window grid
-        v = self.v(x).permute(0, 3, 1, 2)  # B, C, H, W
         centre = F.avg_pool2d(x.permute(0, 3, 1, 2), self.stride, self.stride, ceil_mode=True)
         a = self.attn(centre.permute(0, 2, 3, 1)).view(b, gh * gw, n, kk, kk).permute(0, 2, 1, 3, 4)
-        a = torch.softmax(a * self.scale, dim=-1)  # B, n, L, K*K, K*K
+        return torch.softmax(a * self.scale, dim=-1)  # B, n, L, K*K, K*K
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)."""
+        v = self.v(x).permute(0, 3, 1, 2)  # B, C, H, W
+        a = self.window_weights(x)
         out = OutlookAggregate.apply(a, v, self.k, self.padding, self.stride)  # B, C, H, W
         return self.proj(out.permute(0, 2, 3, 1))
 
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """x: (B, H, W, C) tokens -> the query's window: its centre output's K x K weights (B, H, W).
 
-class Outlook(nn.Module):
+        The weights over the window's inputs, averaged over heads, placed on the map (zero elsewhere).
+        """
+        b, h, w, _ = x.shape
+        i, j = query_index(h, w, query)
+        k, s, p = self.k, self.stride, self.padding
+        gi, gj = i // s, j // s  # the window whose stride cell holds the query
+        window = gi * math.ceil(w / s) + gj  # its index among the L windows, row-major
+        a = self.window_weights(x)[:, :, window, (k * k) // 2].mean(1)  # the centre output: B, K*K
+        weights = x.new_zeros(b, h + 2 * p + k, w + 2 * p + k)  # the padded map, room for the last window
+        weights[:, gi * s:gi * s + k, gj * s:gj * s + k] = a.view(b, k, k)
+        return {"query attention": ("query", weights[:, p:p + h, p:p + w])}
+
+    def timm_twin(self) -> nn.Module:
+        """timm's VOLO ``OutlookAttention`` with these hyper-parameters and weights (the same names)."""
+        from timm.models.volo import OutlookAttention as TimmOutlookAttention  # timm.models loads every model
+
+        twin = TimmOutlookAttention(self.v.in_features, num_heads=self.heads, kernel_size=self.k,
+                                    padding=self.padding, stride=self.stride, qkv_bias=self.v.bias is not None)
+        return self._loaded_twin(twin)
+
+
+class Outlook(AttentionBlock):
     """x + OutlookAttention(LayerNorm(x)) on (B, C, H, W) feature maps.
 
     Args:
@@ -97,7 +131,6 @@ class Outlook(nn.Module):
     """
 
     default_position = "post"
-    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, heads: int = 1, kernel_size: int = 3, padding: int = 1, stride: int = 2):
         super().__init__()
@@ -108,3 +141,7 @@ class Outlook(nn.Module):
         """x: (B, C, H, W) -> (B, C, H, W)."""
         tokens = x.permute(0, 2, 3, 1)  # B, H, W, C
         return x + self.attention(self.norm(tokens)).permute(0, 3, 1, 2)
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The outlook attention's maps (B, H, W) on the normalised tokens its forward sees."""
+        return self.attention.attention_maps(self.norm(x.permute(0, 2, 3, 1)), query)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.base import AttentionBlock, Maps
+
 
 class PreActUnit(nn.Module):
     """Pre-activation bottleneck residual unit (BN-ReLU-conv x 3), width-preserving."""
@@ -34,7 +36,7 @@ class PreActUnit(nn.Module):
         return x + self.body(x)
 
 
-class ResidualAttention(nn.Module):
+class ResidualAttention(AttentionBlock):
     """Soft mask branch M with sigmoid output; returns (1 + M(x)) * x.
 
     Args:
@@ -44,7 +46,6 @@ class ResidualAttention(nn.Module):
     """
 
     default_position = "post"
-    positions = frozenset({"post", "standard", "pre", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, max_depth: int = 3, min_size: int = 4):
         super().__init__()
@@ -87,3 +88,7 @@ class ResidualAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         return (1 + self.mask(x)) * x
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The soft mask averaged over channels (B, H, W)."""
+        return {"soft mask": ("spatial", self.mask(x).mean(1))}

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.base import SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
 
-class LocalSelfAttention(nn.Module):
+
+class LocalSelfAttention(AttentionBlock):
     """k x k neighbourhood attention with relative row/column embeddings.
 
     Args:
@@ -24,7 +26,7 @@ class LocalSelfAttention(nn.Module):
     """
 
     default_position = "replace_spatial"
-    positions = frozenset({"replace_spatial"})
+    positions = SPATIAL_POSITIONS
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7,
                  heads: int = 8):
@@ -40,8 +42,8 @@ class LocalSelfAttention(nn.Module):
         self.rel_col = nn.Parameter(torch.randn(self.dim // 2, kernel_size) * self.dim ** -0.5)
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()  # 7 -> 4, like a stride-2 conv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
+    def _window_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C_in, H, W) -> window weights (B, n, HW, 1, k*k) and window values (B, n, HW, d, k*k)."""
         b, _, h, w = x.shape
         kk, n, d = self.k * self.k, self.heads, self.dim
         q = (self.q(x) * d ** -0.5).view(b, n, d, h * w).permute(0, 1, 3, 2).unsqueeze(3)  # B, n, HW, 1, d
@@ -53,7 +55,23 @@ class LocalSelfAttention(nn.Module):
         ])
         logits = q @ (k + rel)  # B, n, HW, 1, k*k (batched matmuls, so MAC counters see them)
         inside = F.unfold(x.new_ones(1, 1, h, w), self.k, padding=self.k // 2)[0].t().reshape(1, 1, h * w, 1, kk) > 0
-        att = torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=-1)
+        return torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
+        b, _, h, w = x.shape
+        att, v = self._window_attention(x)
         out = (att @ v.transpose(-1, -2)).squeeze(3)  # B, n, HW, d
         out = out.permute(0, 1, 3, 2)  # B, n, d, HW
-        return self.pool(out.reshape(b, n * d, h, w))
+        return self.pool(out.reshape(b, self.heads * self.dim, h, w))
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The query's weights over its k x k window, averaged over heads, placed on the map (zero elsewhere)."""
+        b, _, h, w = x.shape
+        i, j = query_index(h, w, query)
+        k = self.k
+        att, _ = self._window_attention(x)
+        window = att[:, :, i * w + j, 0].mean(1).view(b, k, k)  # rows i-k//2.., columns j-k//2..
+        weights = x.new_zeros(b, h + k - 1, w + k - 1)  # the map padded by k//2 on each side
+        weights[:, i:i + k, j:j + k] = window  # positions outside the map have weight 0
+        return {"query attention": ("query", weights[:, k // 2:k // 2 + h, k // 2:k // 2 + w])}

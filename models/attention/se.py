@@ -6,16 +6,18 @@ https://arxiv.org/abs/1709.01507 . Reference code: https://github.com/hujie-fran
 Differences from timm's ``SEModule``: timm rounds the hidden width to a multiple of 8
 (``rd_divisor=8``) and takes a ratio; here the width is exactly ``channels // reduction`` as in
 the paper's Table 5 and its parameter counts. ``divisor=8`` gives timm's rounding; timm's module
-built with ``rd_channels=C // r`` gives this one (``tests/test_attention.py`` checks both).
+built with ``rd_channels=C // r`` gives this one (``timm_twin``; ``tests/test_attention.py`` checks both).
 """
 import torch
-from timm.layers import make_divisible
+from timm.layers import SEModule, make_divisible
 from torch import nn
+
+from models.attention.base import AttentionBlock, Maps
 
 GATES = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(AttentionBlock):
     """Channel gate: global average pool -> FC(C->C/r) -> ReLU -> FC(C/r->C) -> sigmoid -> scale.
 
     Args:
@@ -29,7 +31,6 @@ class SqueezeExcite(nn.Module):
     """
 
     default_position = "standard"
-    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True, squeeze: str = "avg",
                  gate: str = "sigmoid", divisor: int = 1):
@@ -51,12 +52,29 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=bias)
         self.gate = GATES[gate]()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
+    # Not ``gate``: that name is the excitation non-linearity's module (state-dict and hook names).
+    def excitation(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> channel gates (B, C, 1, 1); (B, C, H, W) for ``squeeze='none'``."""
         if self.squeeze == "avg":
             s = x.mean((2, 3), keepdim=True)  # B, C, 1, 1
         elif self.squeeze == "max":
             s = x.amax((2, 3), keepdim=True)
         else:
             s = x  # B, C, H, W: NoSqueeze
-        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+        return self.gate(self.fc2(self.act(self.fc1(s))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return x * self.excitation(x)
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The channel gate (B, C); with ``squeeze='none'`` averaged over positions."""
+        return {"channel gate": ("channel", self.excitation(x).mean((2, 3)))}
+
+    def timm_twin(self) -> nn.Module | None:
+        """timm's ``SEModule`` with this width, biases and gate; None for max or no squeeze (timm: avg only)."""
+        if self.squeeze != "avg":
+            return None
+        twin = SEModule(self.fc1.in_channels, rd_channels=self.fc1.out_channels, bias=self.fc1.bias is not None,
+                        gate_layer=type(self.gate))
+        return self._loaded_twin(twin)

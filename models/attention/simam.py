@@ -8,10 +8,11 @@ Each activation's inverse minimal energy, (x - mu)^2 / (4 (sigma^2 + lambda)) + 
 channel's spatial mean mu and variance sigma^2 (over n = HW - 1), gates it through a sigmoid.
 """
 import torch
-from torch import nn
+
+from models.attention.base import AttentionBlock
 
 
-class SimAM(nn.Module):
+class SimAM(AttentionBlock):
     """x * sigmoid(energy(x)); no parameters.
 
     Args:
@@ -20,7 +21,6 @@ class SimAM(nn.Module):
     """
 
     default_position = "standard"
-    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, e_lambda: float = 1e-4):
         super().__init__()

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention.base import AttentionBlock, Maps
 
-class SpatialTransformer(nn.Module):
+
+class SpatialTransformer(AttentionBlock):
     """Localisation net (conv, pool to 4x4, two FCs) -> affine theta -> grid sample.
 
     Args:
@@ -22,7 +24,6 @@ class SpatialTransformer(nn.Module):
     """
 
     default_position = "stem"
-    positions = frozenset({"stem", "pre", "post", "standard", "identity", "after_spatial"})
 
     def __init__(self, channels: int, hidden: int = 32):
         super().__init__()
@@ -46,6 +47,20 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        theta = self.theta(x).float()
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x.float(), grid, align_corners=False).to(x.dtype)
+        return F.grid_sample(x.float(), self.grid(x), align_corners=False).to(x.dtype)
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> where each output position samples the input: (B, H, W, 2) in [-1, 1], float32."""
+        return F.affine_grid(self.theta(x).float(), list(x.shape), align_corners=False)
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """Where the sampling grid reads from: a histogram of its points over the input (B, H, W)."""
+        b, _, h, w = x.shape
+        grid = self.grid(x)
+        cols = ((grid[..., 0] + 1) / 2 * w).floor().long()
+        rows = ((grid[..., 1] + 1) / 2 * h).floor().long()
+        inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+        density = torch.zeros(b, h * w, device=x.device)
+        index = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).flatten(1)
+        density.scatter_add_(1, index, inside.flatten(1).float())
+        return {"sampling grid": ("spatial", density.view(b, h, w))}

@@ -9,12 +9,12 @@ mean, in that order as the official code), and gates with sigmoid(BN(conv7x7)): 
 spatial gate, which is reused. The three gated tensors are rotated back and averaged.
 """
 import torch
-from torch import nn
 
+from models.attention.base import AttentionBlock
 from models.attention.cbam import SpatialGate
 
 
-class TripletAttention(nn.Module):
+class TripletAttention(AttentionBlock):
     """Average of the C-H, C-W and H-W interaction branches.
 
     Args:
@@ -24,7 +24,6 @@ class TripletAttention(nn.Module):
     """
 
     default_position = "standard"
-    positions = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
 
     def __init__(self, channels: int, kernel_size: int = 7, spatial: bool = True):
         super().__init__()

@@ -1,0 +1,50 @@
+"""What every attention block shares: where it may go, its paper's init, what it attends to, its timm twin."""
+import torch
+from torch import nn
+
+# A block at one of these maps a (B, C, H, W) feature map to one of the same shape.
+MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
+# A block here replaces a unit's spatial conv: it takes (in_channels, out_channels, stride) like the conv.
+SPATIAL_POSITIONS = frozenset({"replace_spatial"})
+
+# Named maps: name -> (kind, tensor). Kinds: "channel" (B, C) gates; "spatial" (B, h, w) masks;
+# "query" (B, h, w) the attention weights of one query position over the map, averaged over heads.
+Maps = dict[str, tuple[str, torch.Tensor]]
+
+
+def query_index(h: int, w: int, query: tuple[float, float]) -> tuple[int, int]:
+    """The map position nearest to ``query`` (row, column fractions in [0, 1])."""
+    return min(h - 1, int(query[0] * h)), min(w - 1, int(query[1] * w))
+
+
+class AttentionBlock(nn.Module):
+    """Base of the registered blocks: placement, paper init, maps and the timm twin, each with a default.
+
+    Subclasses set ``default_position`` (where ``position: default`` puts it; None leaves it to the
+    backbone) and, when they replace a spatial conv, ``positions = SPATIAL_POSITIONS``.
+    """
+
+    positions: frozenset[str] = MAP_POSITIONS
+    default_position: str | None = "standard"
+
+    def init_weights(self) -> None:
+        """Re-apply the paper's own init of this block (backbones call it after their init loop); none here."""
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """What the block attends to for input ``x``, computed by the code its forward runs; none here.
+
+        ``query`` (row, column fractions) picks the query position of ``query`` maps.
+        """
+        return {}
+
+    def timm_twin(self) -> nn.Module | None:
+        """timm's module computing the same function, holding this block's weights; None when timm has none."""
+        return None
+
+    def _loaded_twin(self, twin: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """``twin`` holding ``state`` (default: this block's state dict), on this block's device, dtype and mode."""
+        twin.load_state_dict(self.state_dict() if state is None else state)
+        like = next(self.parameters(), None)
+        if like is not None:
+            twin.to(device=like.device, dtype=like.dtype)
+        return twin.train(self.training)

@@ -3,9 +3,8 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
 
-from models.backbones import BACKBONES
+from models.backbones import BACKBONES, Backbone
 from models.placement import ConfigError, parse_attention_specs
 
 # Arguments build_model fills in itself rather than taking from the model config.
@@ -23,7 +22,7 @@ def build_model(
     attention: Mapping[str, Any],
     attention_extra: Sequence[Mapping[str, Any]] = (),
     num_classes: int = 1000,
-) -> nn.Module:
+) -> Backbone:
     """Build a backbone with its attention blocks from plain config mappings.
 
     Args:
@@ -54,4 +53,4 @@ def build_model(
     return built
 
 
-__all__ = ["BACKBONES", "ConfigError", "build_model", "model_options"]
+__all__ = ["BACKBONES", "Backbone", "ConfigError", "build_model", "model_options"]

@@ -14,9 +14,10 @@ Training runs in the paper's three stages: global branch, then local branch (glo
 fusion layer (both branches fixed); ``set_epoch`` switches stage by the fractions of the run in
 ``stage_fractions``. A fixed branch runs without gradient and with its norms in eval mode. Its
 parameters stay registered with DDP, which therefore needs ``find_unused_parameters``
-(``has_unused_parameters`` says so). One learning-rate schedule spans all stages, where the paper
+(``unused_in_some_phase`` declares them). One learning-rate schedule spans all stages, where the paper
 restarts it per stage.
 """
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from models.backbones.base import BACKBONES, Backbone, register_backbone
 from models.placement import AttentionSpec, ConfigError
 
 STAGES = ("global", "local", "fusion")
@@ -72,20 +74,22 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, 
     return roi_align(images, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-class AGCNN(nn.Module):
+class AGCNN(Backbone):
     """Global branch, attention-guided crop, local branch and fusion layer.
 
+    Its ``stages`` and intermediate maps are the global branch's (the one that sees the whole image);
+    ``forward_features`` gives both branches' pooled features, the fusion layer's input.
+
     Args:
-        global_branch, local_branch: backbones with ``forward_features``, ``forward_head`` and
-            ``feature_map`` and ``num_features`` (every backbone here).
+        global_branch, local_branch: backbones (any registered one).
         num_classes: classes of the fusion layer.
         tau: heat-map threshold.
         stage_fractions: fractions of the epochs spent in the global, local and fusion stages.
     """
 
-    has_unused_parameters = True  # the fixed branches' parameters get no gradient
+    unused_in_some_phase = ("global_branch", "local_branch", "fusion")  # each is fixed in some stage
 
-    def __init__(self, global_branch: nn.Module, local_branch: nn.Module, num_classes: int, tau: float = 0.7,
+    def __init__(self, global_branch: Backbone, local_branch: Backbone, num_classes: int, tau: float = 0.7,
                  stage_fractions: Sequence[float] = (0.5, 0.25, 0.25)):
         super().__init__()
         if not 0 <= tau < 1:
@@ -95,11 +99,37 @@ class AGCNN(nn.Module):
                               "fractions (global, local, fusion)")
         self.global_branch = global_branch
         self.local_branch = local_branch
-        self.fusion = nn.Linear(global_branch.num_features + local_branch.num_features, num_classes)
+        self.num_features = global_branch.num_features + local_branch.num_features
+        self.fusion = nn.Linear(self.num_features, num_classes)
         self.tau = tau
         total = sum(stage_fractions)
         self.stage_fractions = tuple(f / total for f in stage_fractions)
         self.stage = "fusion"  # inference runs every branch
+
+    @property
+    def classifier_names(self) -> tuple[str, ...]:
+        """The fusion layer, then each branch's own classifiers (trained in the first two stages)."""
+        return ("fusion", *(f"{branch}.{name}" for branch in ("global_branch", "local_branch")
+                            for name in getattr(self, branch).classifier_names))
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The global branch's stages."""
+        return self.global_branch.stages
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False):
+        """The global branch's stage maps, and the fused features unless ``intermediates_only``."""
+        maps = self.global_branch.forward_intermediates(x, indices, intermediates_only=True)
+        return maps if intermediates_only else (self.forward_features(x), maps)
+
+    def cam_layer(self) -> nn.Module:
+        """The global branch's, whose map chooses the crop."""
+        return self.global_branch.cam_layer()
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The two branches and the fusion layer."""
+        return {"global branch": self.global_branch, "local branch": self.local_branch, "fusion": self.fusion}
 
     def set_epoch(self, epoch: int, epochs: int) -> str:
         """Pick the training stage of 1-based ``epoch`` out of ``epochs``; returns its name."""
@@ -123,6 +153,20 @@ class AGCNN(nn.Module):
         boxes = attention_boxes(self.global_branch.feature_map(global_features), size, self.tau)
         return crop_and_resize(x, boxes, size)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> both branches' pooled features (B, num_features), global first."""
+        g = self.global_branch.forward_features(x)
+        return self.pooled(g, self.local_branch.forward_features(self.local_input(x, g.detach())))
+
+    def pooled(self, global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
+        """Both branches' ``forward_features`` -> their pooled features side by side (B, num_features)."""
+        return torch.cat([self.global_branch.forward_head(global_features, pre_logits=True),
+                          self.local_branch.forward_head(local_features, pre_logits=True)], dim=1)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (B, num_features) -> themselves when ``pre_logits``, else the fusion logits."""
+        return features if pre_logits else self.fusion(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> logits (B, num_classes) of the current stage's head."""
         train_global = self.stage == "global"
@@ -135,9 +179,7 @@ class AGCNN(nn.Module):
             l_features = self.local_branch.forward_features(crop)
         if self.stage == "local":
             return self.local_branch.forward_head(l_features)
-        pooled = torch.cat([self.global_branch.forward_head(g, pre_logits=True),
-                            self.local_branch.forward_head(l_features, pre_logits=True)], dim=1)
-        return self.fusion(pooled)
+        return self.fusion(self.pooled(g, l_features))
 
 
 def agcnn(backbones: Mapping[str, Callable[..., nn.Module]], num_classes: int = 1000,
@@ -149,8 +191,9 @@ def agcnn(backbones: Mapping[str, Callable[..., nn.Module]], num_classes: int = 
     ``stem`` and ``img_size`` reach the backbone when it takes them; ``backbone_options`` holds the
     backbone's own keys (``width_mult``, ``mixer`` ...).
     """
-    if backbone not in backbones:
-        raise ConfigError(f"model.backbone='{backbone}' is not a backbone; valid: {', '.join(backbones)}")
+    valid = [name for name in backbones if name != "agcnn"]
+    if backbone not in valid:
+        raise ConfigError(f"model.backbone='{backbone}' is not a backbone; valid: {', '.join(valid)}")
     accepted = [p for p in inspect.signature(backbones[backbone]).parameters if p not in ("num_classes", "attention")]
     options = {k: v for k, v in (("stem", stem), ("img_size", img_size)) if k in accepted}
     unknown = sorted(set(backbone_options or {}) - set(accepted))
@@ -160,3 +203,7 @@ def agcnn(backbones: Mapping[str, Callable[..., nn.Module]], num_classes: int = 
     options.update(backbone_options or {})
     branches = [backbones[backbone](num_classes=num_classes, attention=attention, **options) for _ in range(2)]
     return AGCNN(*branches, num_classes=num_classes, tau=tau, stage_fractions=stage_fractions)
+
+
+register_backbone("agcnn", functools.partial(agcnn, BACKBONES),  # the registry as it is when a model is built
+                  small={"backbone": "resnet20", "stem": "cifar", "img_size": 32})

@@ -11,26 +11,20 @@ reduced width is in_channels / t, raised to make_divisible(ceil(out / 6), 16) wh
 CIFAR stem keeps the stem and the first row at stride 1, so 32x32 inputs end at 4x4.
 """
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from timm.layers import make_divisible
 from torch import nn
 
-from models.backbones.mobilenetv2 import PooledClassifier, conv_bn_relu6, init_mobile_weights
-from models.backbones.resnet import AttnFactories, attention_at
-from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigError
+from models.backbones.base import PooledBackbone, register_backbone
+from models.layers import AttentionSlots, check_stem, build_stages, conv_bn_relu6, init_mobile_weights, init_small_normal, stem_slot
+from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigError, Factory
 
 # Sandglass rows: expansion t, output channels c, repeats b, first stride s. The last row's width
 # is the head width (1280 * max(1, width_mult)), filled in by the network.
 ROWS = ((2, 96, 1, 2), (6, 144, 1, 1), (6, 192, 3, 2), (6, 288, 3, 2), (6, 384, 4, 1), (6, 576, 4, 2),
         (6, 960, 3, 1), (6, None, 1, 1))
-
-
-def depthwise_bn(channels: int, stride: int = 1) -> nn.Sequential:
-    """3x3 depthwise conv + BN, no activation (the sandglass block's linear end)."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, stride, 1, groups=channels, bias=False),
-                         nn.BatchNorm2d(channels))
 
 
 class SandGlass(nn.Module):
@@ -53,35 +47,34 @@ class SandGlass(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int,
-                 identity_mult: float = 1.0, keep_3x3: bool = False, attn: AttnFactories | None = None):
+                 identity_mult: float = 1.0, keep_3x3: bool = False,
+                 factories: Mapping[str, Factory] | None = None):
         super().__init__()
-        attn = attn or {}
         hidden = in_channels // expansion
         if hidden < out_channels / 6:
             hidden = make_divisible(math.ceil(out_channels / 6), 16)
         first_dw = expansion == 2 or in_channels == out_channels or keep_3x3
         last_dw = first_dw or stride == 2
+        self.out_channels = out_channels
         self.use_shortcut = stride == 1 and in_channels == out_channels
         self.identity_channels = int(round(in_channels * identity_mult))
-        self.attn_pre = attention_at(attn, "pre", in_channels)
+        slots = AttentionSlots(factories, shortcut=self.use_shortcut)
+        self.attn_pre = slots.at("pre", in_channels)
         self.dw1 = conv_bn_relu6(in_channels, in_channels, 3, groups=in_channels) if first_dw else nn.Identity()
-        after_first = attention_at(attn, "after_spatial", in_channels) if first_dw else nn.Identity()
-        self.attn_after_spatial = after_first
+        self.attn_after_spatial = slots.at("after_spatial", in_channels) if first_dw else nn.Identity()
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden))
         self.expand = conv_bn_relu6(hidden, out_channels)
-        replace = attn.get("replace_spatial")
-        if not last_dw:
-            self.dw2 = nn.Identity()
-        elif replace is not None:
-            self.dw2 = nn.Sequential(replace(out_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+        if last_dw:
+            depthwise = slots.spatial(out_channels, out_channels, stride, lambda: nn.Conv2d(
+                out_channels, out_channels, 3, stride, 1, groups=out_channels, bias=False))
+            self.dw2 = nn.Sequential(depthwise, nn.BatchNorm2d(out_channels))  # linear: no activation
         else:
-            self.dw2 = depthwise_bn(out_channels, stride)
+            self.dw2 = nn.Identity()
         # without a first depthwise conv the after_spatial block moves to the end of the branch
-        self.attn_after_last = nn.Identity() if first_dw else attention_at(attn, "after_spatial", out_channels)
-        self.attn_standard = attention_at(attn, "standard", out_channels)
-        shortcut_attn = attn if self.use_shortcut else {}
-        self.attn_identity = attention_at(shortcut_attn, "identity", out_channels)
-        self.attn_post = attention_at(attn, "post", out_channels)
+        self.attn_after_last = nn.Identity() if first_dw else slots.at("after_spatial", out_channels)
+        self.attn_standard = slots.at("standard", out_channels)
+        self.attn_identity = slots.at("identity", out_channels)
+        self.attn_post = slots.at("post", out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
@@ -99,7 +92,7 @@ class SandGlass(nn.Module):
         return self.attn_post(out)
 
 
-class MobileNeXt(PooledClassifier):
+class MobileNeXt(PooledBackbone):
     """Stem conv -> eight sandglass stages -> pool -> dropout -> linear.
 
     Args:
@@ -115,8 +108,7 @@ class MobileNeXt(PooledClassifier):
     def __init__(self, num_classes: int = 1000, attention: Sequence[AttentionSpec] = (), width_mult: float = 1.0,
                  identity_mult: float = 1.0, stem: str = "imagenet", dropout: float = 0.2, in_chans: int = 3):
         super().__init__()
-        if stem not in ("imagenet", "cifar"):
-            raise ConfigError(f"model.stem='{stem}' is not a stem; valid stems: cifar, imagenet")
+        check_stem(stem)
         if not 0 < identity_mult <= 1:
             raise ConfigError(f"model.identity_mult={identity_mult} must be in (0, 1]")
         plan = AttentionPlan(attention, "mobilenext", [b for _, _, b, _ in ROWS], positions=POSITIONS,
@@ -124,32 +116,30 @@ class MobileNeXt(PooledClassifier):
         channels = make_divisible(32 * width_mult, 8)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), 8)
         self.stem = conv_bn_relu6(in_chans, channels, 3, 2 if stem == "imagenet" else 1)
-        stem_attn = plan.stem()
-        self.attn_stem = stem_attn(channels) if stem_attn is not None else nn.Identity()
-        stages = []
-        for s, (t, c, b, first_stride) in enumerate(ROWS, start=1):
+        self.attn_stem = stem_slot(plan.stem(), channels)
+
+        def make_unit(s: int, i: int, in_channels: int) -> nn.Module:
+            """Unit i of row s (the last row ends at the head width)."""
+            t, c, b, first_stride = ROWS[s - 1]
             out_channels = make_divisible(c * width_mult, 8) if c is not None else self.num_features
             if stem == "cifar" and s == 1:
                 first_stride = 1  # 32x32 inputs: keep three halvings, ending at 4x4
-            units = []
-            for i in range(b):
-                keep_3x3 = b == 1 and first_stride == 1 and i == 0
-                units.append(SandGlass(channels, out_channels, first_stride if i == 0 else 1, t, identity_mult,
-                                       keep_3x3, plan.unit(s, i)))
-                channels = out_channels
-            stages.append(nn.Sequential(*units))
+            keep_3x3 = b == 1 and first_stride == 1 and i == 0
+            return SandGlass(in_channels, out_channels, first_stride if i == 0 else 1, t, identity_mult, keep_3x3,
+                             plan.unit(s, i))
+
+        stages, _, _ = build_stages([b for _, _, b, _ in ROWS], channels, make_unit)
         self.stages = nn.ModuleList(stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(self.num_features, num_classes)
+        self.build_head(num_classes, dropout)
         init_mobile_weights(self, self.fc)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> (B, num_features, H/r, W/r)."""
-        x = self.attn_stem(self.stem(x))
-        for stage in self.stages:
-            x = stage(x)
-        return x
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> (B, 32 * width_mult, H/r, W/r)."""
+        return self.attn_stem(self.stem(x))
+
+    def init_classifier(self, linear: nn.Linear) -> None:
+        """The official classifier init, N(0, 0.01)."""
+        init_small_normal(linear)
 
 
 def mobilenext(num_classes: int = 1000, attention: Sequence[AttentionSpec] = (), width_mult: float = 1.0,
@@ -157,3 +147,6 @@ def mobilenext(num_classes: int = 1000, attention: Sequence[AttentionSpec] = (),
                in_chans: int = 3) -> MobileNeXt:
     """MobileNeXt at ``width_mult``."""
     return MobileNeXt(num_classes, attention, width_mult, identity_mult, stem, dropout, in_chans)
+
+
+register_backbone("mobilenext", mobilenext, small={"stem": "cifar", "width_mult": 0.35})

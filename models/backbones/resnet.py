@@ -9,35 +9,29 @@ follow the paper's Section 4.2: a 3x3 stem, three stages of 16/32/64 channels an
 shortcuts (option A: stride-2 subsampling plus zero channel padding).
 """
 import math
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.backbones.base import PooledBackbone, register_backbone
+from models.layers import AttentionSlots, check_stem, build_stages, restore_block_inits, stem_slot
 from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigError
 
-AttnFactories = Mapping[str, Callable[..., nn.Module]]
+Norm = Callable[[int], nn.Module]
 
 
-def attention_at(attn: AttnFactories, position: str, channels: int) -> nn.Module:
-    """The block for ``position`` built at ``channels``, or an identity when none is placed."""
-    factory = attn.get(position)
-    return factory(channels) if factory is not None else nn.Identity()
-
-
-def _spatial_conv(attn: AttnFactories, in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    """The unit's 3x3 conv, or the attention block that replaces it."""
-    factory = attn.get("replace_spatial")
-    if factory is not None:
-        return factory(in_channels, out_channels, stride)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """The units' 3x3 conv (no bias: a norm follows)."""
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
 NORMS = ("batch", "group")
 
 
-def norm_factory(kind: str, groups: int = 32) -> Callable[[int], nn.Module]:
+def norm_factory(kind: str, groups: int = 32) -> Norm:
     """``channels -> norm module``: BatchNorm, or GroupNorm with ``gcd(groups, channels)`` groups.
 
     GroupNorm normalises each sample on its own, so a batch split over processes trains like the
@@ -50,15 +44,8 @@ def norm_factory(kind: str, groups: int = 32) -> Callable[[int], nn.Module]:
     raise ConfigError(f"model.norm='{kind}' is not valid; use one of {', '.join(NORMS)}")
 
 
-def restore_block_inits(model: nn.Module) -> None:
-    """After a backbone's init loop: blocks whose paper fixes an init (zero gamma, zero last conv) redo it."""
-    for m in model.modules():
-        if m is not model and hasattr(m, "init_weights"):
-            m.init_weights()
-
-
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a shortcut; attention at the role positions given in ``attn``."""
+    """Two 3x3 convs with a shortcut; attention blocks at the positions ``slots`` holds."""
 
     expansion = 1
 
@@ -68,24 +55,24 @@ class BasicBlock(nn.Module):
         channels: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
-        attn: AttnFactories | None = None,
+        slots: AttentionSlots | None = None,
         stride_in_1x1: bool = False,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        norm_layer: Norm = nn.BatchNorm2d,
     ):
         super().__init__()
-        attn = attn or {}
-        out_channels = channels * self.expansion
-        self.attn_pre = attention_at(attn, "pre", in_channels)
-        self.conv1 = _spatial_conv(attn, in_channels, channels, stride)
+        slots = slots or AttentionSlots()
+        self.out_channels = out_channels = channels * self.expansion
+        self.attn_pre = slots.at("pre", in_channels)
+        self.conv1 = slots.spatial(in_channels, channels, stride, lambda: conv3x3(in_channels, channels, stride))
         self.bn1 = norm_layer(channels)
-        self.attn_after_spatial = attention_at(attn, "after_spatial", channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.attn_after_spatial = slots.at("after_spatial", channels)
+        self.conv2 = conv3x3(channels, channels)
         self.bn2 = norm_layer(channels)
-        self.attn_standard = attention_at(attn, "standard", out_channels)
+        self.attn_standard = slots.at("standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.attn_identity = attention_at(attn, "identity", out_channels)
+        self.attn_identity = slots.at("identity", out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.attn_post = attention_at(attn, "post", out_channels)
+        self.attn_post = slots.at("post", out_channels)
 
     def last_bn(self) -> nn.Module:
         """The norm that closes the residual branch (zero-initialised by zero_init_residual)."""
@@ -103,7 +90,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4) with a shortcut; attention at the role positions in ``attn``.
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a shortcut; attention blocks at the positions ``slots`` holds.
 
     ``stride_in_1x1`` puts the stride in the first 1x1 conv as the original (Caffe) ResNet and the
     SE paper's 3.86 GFLOPs ResNet-50 do; torchvision (ResNet v1.5) puts it in the 3x3.
@@ -117,27 +104,27 @@ class Bottleneck(nn.Module):
         channels: int,
         stride: int = 1,
         downsample: nn.Module | None = None,
-        attn: AttnFactories | None = None,
+        slots: AttentionSlots | None = None,
         stride_in_1x1: bool = False,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        norm_layer: Norm = nn.BatchNorm2d,
     ):
         super().__init__()
-        attn = attn or {}
-        out_channels = channels * self.expansion
+        slots = slots or AttentionSlots()
+        self.out_channels = out_channels = channels * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.attn_pre = attention_at(attn, "pre", in_channels)
+        self.attn_pre = slots.at("pre", in_channels)
         self.conv1 = nn.Conv2d(in_channels, channels, 1, stride=stride_1x1, bias=False)
         self.bn1 = norm_layer(channels)
-        self.conv2 = _spatial_conv(attn, channels, channels, stride_3x3)
+        self.conv2 = slots.spatial(channels, channels, stride_3x3, lambda: conv3x3(channels, channels, stride_3x3))
         self.bn2 = norm_layer(channels)
-        self.attn_after_spatial = attention_at(attn, "after_spatial", channels)
+        self.attn_after_spatial = slots.at("after_spatial", channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
         self.bn3 = norm_layer(out_channels)
-        self.attn_standard = attention_at(attn, "standard", out_channels)
+        self.attn_standard = slots.at("standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
-        self.attn_identity = attention_at(attn, "identity", out_channels)
+        self.attn_identity = slots.at("identity", out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.attn_post = attention_at(attn, "post", out_channels)
+        self.attn_post = slots.at("post", out_channels)
 
     def last_bn(self) -> nn.Module:
         """The norm that closes the residual branch (zero-initialised by zero_init_residual)."""
@@ -174,12 +161,11 @@ def _stem(kind: str, in_chans: int, channels: int) -> tuple[nn.Conv2d, nn.Module
     if kind == "imagenet":
         conv = nn.Conv2d(in_chans, channels, 7, stride=2, padding=3, bias=False)
         return conv, nn.MaxPool2d(3, stride=2, padding=1)
-    if kind == "cifar":
-        return nn.Conv2d(in_chans, channels, 3, padding=1, bias=False), nn.Identity()
-    raise ConfigError(f"model.stem='{kind}' is not a stem; valid stems: cifar, imagenet")
+    check_stem(kind)
+    return nn.Conv2d(in_chans, channels, 3, padding=1, bias=False), nn.Identity()
 
 
-class ResNet(nn.Module):
+class ResNet(PooledBackbone):
     """Stem -> stages of residual units -> global pool -> linear head.
 
     Args:
@@ -223,31 +209,28 @@ class ResNet(nn.Module):
         self.conv1, self.maxpool = _stem(stem, in_chans, widths[0])
         self.bn1 = norm_layer(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        stem_attn = plan.stem()
-        self.attn_stem = stem_attn(widths[0]) if stem_attn is not None else nn.Identity()
+        self.attn_stem = stem_slot(plan.stem(), widths[0])
         self.num_stages = len(depths)
-        in_channels = widths[0]
-        for s, (depth, width) in enumerate(zip(depths, widths), start=1):
-            units = []
-            for i in range(depth):
-                stride = 2 if (i == 0 and s > 1) else 1
-                out_channels = width * block.expansion
-                downsample = None
-                if stride != 1 or in_channels != out_channels:
-                    downsample = self._shortcut(shortcut, in_channels, out_channels, stride, norm_layer)
-                units.append(
-                    block(in_channels, width, stride, downsample, plan.unit(s, i), stride_in_1x1, norm_layer)
-                )
-                in_channels = out_channels
-            setattr(self, f"layer{s}", nn.Sequential(*units))
-        self.num_features = in_channels
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
+
+        def make_unit(s: int, i: int, in_channels: int) -> nn.Module:
+            """Unit i of stage s; the first unit of stages after the first halves the map."""
+            stride = 2 if (i == 0 and s > 1) else 1
+            out_channels = widths[s - 1] * block.expansion
+            downsample = None
+            if stride != 1 or in_channels != out_channels:
+                downsample = self._shortcut(shortcut, in_channels, out_channels, stride, norm_layer)
+            return block(in_channels, widths[s - 1], stride, downsample, AttentionSlots(plan.unit(s, i)),
+                         stride_in_1x1, norm_layer)
+
+        stages, _, self.num_features = build_stages(depths, widths[0], make_unit)
+        for s, stage in enumerate(stages, start=1):  # torchvision's names: layer1 ... layer4
+            setattr(self, f"layer{s}", stage)
+        self.build_head(num_classes)
         self._init_weights(zero_init_residual)
 
     @staticmethod
     def _shortcut(kind: str, in_channels: int, out_channels: int, stride: int,
-                  norm_layer: Callable[[int], nn.Module]) -> nn.Module:
+                  norm_layer: Norm) -> nn.Module:
         """A shortcut that maps the unit's input to its output shape."""
         if kind == "pad":
             return PadShortcut(in_channels, out_channels, stride)
@@ -270,30 +253,14 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.last_bn().weight)
         restore_block_inits(self)
 
-    def stages(self) -> list[nn.Sequential]:
-        """The stages in order; stage s (1-based) is ``stages()[s - 1]``."""
-        return [getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1)]
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The stages in order (``layer1`` ...); stage s (1-based) is ``stages[s - 1]``."""
+        return nn.ModuleList(getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> last feature map (B, num_features, H/r, W/r)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.attn_stem(x)
-        for stage in self.stages():
-            x = stage(x)
-        return x
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """features: (B, C, h, w) -> pooled (B, C) when ``pre_logits``, else logits (B, num_classes)."""
-        pooled = torch.flatten(self.avgpool(features), 1)
-        return pooled if pre_logits else self.fc(pooled)
-
-    def feature_map(self, features: torch.Tensor) -> torch.Tensor:
-        """``forward_features``' output as a (B, C, h, w) map (already one for CNNs)."""
-        return features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> (B, widths[0], H/r, W/r)."""
+        return self.attn_stem(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
 
 
 _IMAGENET = {
@@ -344,3 +311,10 @@ def cifar_resnet(
         stem=stem, shortcut="pad", zero_init_residual=zero_init_residual, in_chans=in_chans, name=name,
         norm=norm, norm_groups=norm_groups,
     )
+
+
+for _name in _IMAGENET:  # the every-block tests run ResNet-50's bottleneck units at 32x32
+    register_backbone(_name, functools.partial(imagenet_resnet, _name),
+                      small={"stem": "cifar"} if _name == "resnet50" else None)
+for _name in _CIFAR:
+    register_backbone(_name, functools.partial(cifar_resnet, _name), small={} if _name == "resnet20" else None)

@@ -33,7 +33,8 @@ from torch import nn
 
 from models.attention.outlook import OutlookAttention
 from models.attention.sasa import LocalSelfAttention
-from models.backbones.resnet import AttnFactories, restore_block_inits
+from models.backbones.base import Backbone, register_backbone
+from models.layers import AttentionSlots, check_stem, build_stages, restore_block_inits, stem_slot
 from models.placement import AttentionPlan, AttentionSpec, ConfigError
 
 # Where attention blocks go in a VOLO unit: x -> pre -> [norm1, mixer] -> after_spatial -> add ->
@@ -50,24 +51,6 @@ VARIANTS = {
     "volo_d5": dict(layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
                     mlp_ratio=4.0, stem_hidden_dim=128),
 }
-
-
-class OnTokens(nn.Module):
-    """Runs a (B, C, H, W) module on (B, H, W, C) tokens."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) -> (B, H', W', C')."""
-        return self.module(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def _on_tokens(attn: AttnFactories, position: str, channels: int) -> nn.Module:
-    """The attention block at ``position`` wrapped for tokens, or an identity."""
-    factory = attn.get(position)
-    return OnTokens(factory(channels)) if factory is not None else nn.Identity()
 
 
 class SelfAttention(nn.Module):
@@ -135,24 +118,24 @@ class VoloBlock(nn.Module):
         mixer: the token mixer on (B, H, W, C).
         mlp_ratio: MLP hidden width / dim.
         drop_path: stochastic depth rate of both branches.
-        attn: attention factories by position (``VOLO_POSITIONS``).
+        slots: the unit's attention blocks (``VOLO_POSITIONS``), on tokens.
     """
 
     def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float, drop_path: float = 0.0,
-                 attn: AttnFactories | None = None):
+                 slots: AttentionSlots | None = None):
         super().__init__()
-        attn = attn or {}
-        self.attn_pre = _on_tokens(attn, "pre", dim)
+        slots = slots or AttentionSlots(tokens=True)
+        self.out_channels = dim
+        self.attn_pre = slots.at("pre", dim)
         self.norm1 = nn.LayerNorm(dim)
-        replace = attn.get("replace_spatial")
-        self.attn = OnTokens(replace(dim, dim, 1)) if replace is not None else mixer
-        self.attn_after_spatial = _on_tokens(attn, "after_spatial", dim)
+        self.attn = slots.spatial(dim, dim, 1, lambda: mixer)
+        self.attn_after_spatial = slots.at("after_spatial", dim)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.attn_standard = _on_tokens(attn, "standard", dim)
+        self.attn_standard = slots.at("standard", dim)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn_post = _on_tokens(attn, "post", dim)
+        self.attn_post = slots.at("post", dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
@@ -220,6 +203,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
+        self.out_channels = out_dim
         self.proj = nn.Conv2d(in_dim, out_dim, 2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +211,7 @@ class Downsample(nn.Module):
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-class VOLO(nn.Module):
+class VOLO(Backbone):
     """Patch embedding -> stage 1 (token mixer blocks) -> downsample -> position embedding ->
     stages 2-4 (Transformer blocks) -> class attention -> norm -> head (+ auxiliary token head).
 
@@ -245,14 +229,15 @@ class VOLO(nn.Module):
         in_chans: input image channels.
     """
 
+    classifier_names = ("head", "aux_head")
+
     def __init__(self, num_classes: int = 1000, attention: Sequence[AttentionSpec] = (),
                  layers: Sequence[int] = (4, 4, 8, 2), embed_dims: Sequence[int] = (192, 384, 384, 384),
                  num_heads: Sequence[int] = (6, 12, 12, 12), mlp_ratio: float = 3.0, stem_hidden_dim: int = 64,
                  img_size: int = 224, stem: str = "imagenet", mixer: str = "outlook", drop_path_rate: float = 0.0,
                  qkv_bias: bool = False, in_chans: int = 3, name: str = "volo"):
         super().__init__()
-        if stem not in ("imagenet", "cifar"):
-            raise ConfigError(f"model.stem='{stem}' is not a stem; valid stems: cifar, imagenet")
+        check_stem(stem)
         if mixer not in MIXERS:
             raise ConfigError(f"model.mixer='{mixer}' is not a token mixer; valid mixers: {', '.join(MIXERS)}")
         patch = 8 if stem == "imagenet" else 2
@@ -261,26 +246,30 @@ class VOLO(nn.Module):
         plan = AttentionPlan(attention, name, layers, positions=VOLO_POSITIONS, default_position="post")
         self.patch_embed = PatchEmbed(in_chans, stem_hidden_dim, embed_dims[0], 2 if stem == "imagenet" else 1,
                                       patch // 2 if stem == "imagenet" else patch)
-        stem_attn = plan.stem()
-        self.attn_stem = OnTokens(stem_attn(embed_dims[0])) if stem_attn is not None else nn.Identity()
+        self.attn_stem = stem_slot(plan.stem(), embed_dims[0], tokens=True)
         grid = img_size // patch // 2
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dims[-1]))
         total = sum(layers)
-        network = []
-        for s, (depth, dim, heads) in enumerate(zip(layers, embed_dims, num_heads), start=1):
-            units = []
-            for i in range(depth):
-                if s == 1:  # the official code gives the first stage no stochastic depth
-                    unit_mixer, rate = build_mixer(mixer, dim, heads, qkv_bias), 0.0
-                else:
-                    unit_mixer = SelfAttention(dim, heads, qkv_bias)
-                    rate = drop_path_rate * (i + sum(layers[:s - 1])) / (total - 1)
-                units.append(VoloBlock(dim, unit_mixer, mlp_ratio, rate, plan.unit(s, i)))
-            network.append(nn.Sequential(*units))
-            if s == 1:
-                network.append(Downsample(dim, embed_dims[1]))
-        self.network = nn.ModuleList(network)
-        self.token_map = nn.Identity()  # the last stage's tokens as a feature map, for Grad-CAM  # [stage 1, downsample, stage 2, stage 3, stage 4], timm's indices
+
+        def make_unit(s: int, i: int, dim: int) -> nn.Module:
+            """Unit i of stage s: stage 1 mixes with ``mixer``, the others with global self-attention."""
+            heads = num_heads[s - 1]
+            if s == 1:  # the official code gives the first stage no stochastic depth
+                unit_mixer, rate = build_mixer(mixer, dim, heads, qkv_bias), 0.0
+            else:
+                unit_mixer = SelfAttention(dim, heads, qkv_bias)
+                rate = drop_path_rate * (i + sum(layers[:s - 1])) / (total - 1)
+            # built even where a block replaces it: a seed then draws the same weights for the rest of the network
+            return VoloBlock(dim, unit_mixer, mlp_ratio, rate, AttentionSlots(plan.unit(s, i), tokens=True))
+
+        def make_transition(s: int, dim: int) -> nn.Module | None:
+            """The 2x2 patch merging into stage 2."""
+            return Downsample(dim, embed_dims[1]) if s == 2 else None
+
+        stages, transitions, _ = build_stages(layers, embed_dims[0], make_unit, make_transition)
+        # [stage 1, downsample, stage 2, stage 3, stage 4]: timm's indices, so its state dicts load
+        self.network = nn.ModuleList([stages[0], transitions[2], *stages[1:]])
+        self.token_map = nn.Identity()  # the last stage's tokens as a feature map, for Grad-CAM
         self.num_features = embed_dims[-1]
         self.post_network = nn.ModuleList([ClassBlock(self.num_features, num_heads[-1], mlp_ratio, qkv_bias)
                                            for _ in range(2)])
@@ -301,20 +290,31 @@ class VOLO(nn.Module):
                     nn.init.zeros_(m.bias)
         restore_block_inits(self)
 
-    def stages(self) -> list[nn.Module]:
-        """The four stages (the downsample sits between the first two)."""
-        return [self.network[0], *self.network[2:]]
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The four stages (the downsample between the first two is ``between_stages``)."""
+        return nn.ModuleList([self.network[0], *self.network[2:]])
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> normalised tokens (B, 1 + N, C), class token first."""
-        x = self.attn_stem(self.patch_embed(x).permute(0, 2, 3, 1))  # B, H, W, C
-        x = self.network[1](self.network[0](x))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> stage 1's tokens (B, H/r, W/r, C)."""
+        return self.attn_stem(self.patch_embed(x).permute(0, 2, 3, 1))
+
+    def between_stages(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Before stage 2: the downsample, then the position embedding (resampled for another grid)."""
+        if index != 1:
+            return x
+        x = self.network[1](x)
         pos = self.pos_embed
         if pos.shape[1:3] != x.shape[1:3]:
             pos = resample_abs_pos_embed_nhwc(pos, x.shape[1:3])
-        x = x + pos
-        for stage in self.network[2:]:
-            x = stage(x)
+        return x + pos
+
+    def stage_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, h, w, C) -> a (B, C, h, w) map."""
+        return x.permute(0, 3, 1, 2)
+
+    def forward_neck(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's tokens (B, h, w, C) -> normalised tokens (B, 1 + N, C), class token first."""
         x = self.token_map(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # a (B, C, h, w) hook point for Grad-CAM
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], dim=1)  # B, 1 + N, C
         for block in self.post_network:
@@ -335,16 +335,30 @@ class VOLO(nn.Module):
             raise ValueError(f"volo: {n} patch tokens do not form a square grid")
         return features[:, 1:].transpose(1, 2).reshape(b, c, side, side)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
+    def init_classifier(self, linear: nn.Linear) -> None:
+        """The official init: truncated normal (std 0.02), zero bias."""
+        trunc_normal_(linear.weight, std=0.02)
+        nn.init.zeros_(linear.bias)
+
+    def cam_layer(self) -> nn.Module:
+        """The last stage's tokens as a (B, C, h, w) map."""
+        return self.token_map
 
 
 def volo(variant: str, num_classes: int = 1000, attention: Sequence[AttentionSpec] = (), img_size: int = 224,
-         stem: str = "imagenet", mixer: str = "outlook", drop_path_rate: float = 0.0, in_chans: int = 3) -> VOLO:
-    """VOLO-D1 ... D5 by name (``volo_d1`` ...)."""
+         stem: str = "imagenet", mixer: str = "outlook", drop_path_rate: float = 0.0, in_chans: int = 3,
+         layers: Sequence[int] | None = None, embed_dims: Sequence[int] | None = None,
+         num_heads: Sequence[int] | None = None) -> VOLO:
+    """VOLO-D1 ... D5 by name (``volo_d1`` ...); ``layers``, ``embed_dims``, ``num_heads`` override the variant's."""
+    sizes = dict(VARIANTS[variant])
+    sizes.update({k: tuple(v) for k, v in (("layers", layers), ("embed_dims", embed_dims), ("num_heads", num_heads))
+                  if v is not None})
     return VOLO(num_classes, attention, img_size=img_size, stem=stem, mixer=mixer, drop_path_rate=drop_path_rate,
-                in_chans=in_chans, name=variant, **VARIANTS[variant])
+                in_chans=in_chans, name=variant, **sizes)
 
 
-VOLO_BUILDERS = {name: functools.partial(volo, name) for name in VARIANTS}
+# The every-block tests run VOLO-D1's code at a fraction of its size: one unit a stage, narrow.
+SMALL = {"stem": "cifar", "img_size": 32, "layers": (1, 1, 1, 1), "embed_dims": (32, 64, 64, 64),
+         "num_heads": (2, 4, 4, 4)}
+for _name in VARIANTS:
+    register_backbone(_name, functools.partial(volo, _name), small=SMALL if _name == "volo_d1" else None)

@@ -3,6 +3,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from models.backbones.base import Backbone
+
 aten = torch.ops.aten
 
 
@@ -48,16 +50,8 @@ def macs_by_module(model: nn.Module, input_size: tuple[int, int, int]) -> dict[s
     return counts
 
 
-def model_parts(model: nn.Module) -> dict[str, nn.Module]:
-    """The parts a complexity table lists: AG-CNN's branches, else the backbone's stages."""
-    if hasattr(model, "global_branch"):
-        return {"global branch": model.global_branch, "local branch": model.local_branch, "fusion": model.fusion}
-    stages = model.stages if isinstance(model.stages, nn.ModuleList) else model.stages()
-    return {f"stage {s}": stage for s, stage in enumerate(stages, start=1)}
-
-
-def complexity_by_part(model: nn.Module, input_size: tuple[int, int, int]) -> list[dict[str, int | str]]:
-    """Parameters and MACs of each of ``model_parts``, then of the rest (stem, head) and the total.
+def complexity_by_part(model: Backbone, input_size: tuple[int, int, int]) -> list[dict[str, int | str]]:
+    """Parameters and MACs of each of the model's ``parts()``, then of the rest (stem, head) and the total.
 
     Attention blocks count in the part that holds them.
     """
@@ -72,7 +66,7 @@ def complexity_by_part(model: nn.Module, input_size: tuple[int, int, int]) -> li
         return sum(part_macs(child) for child in module.children())
 
     rows = [{"part": part, "params": count_params(module), "macs": part_macs(module)}
-            for part, module in model_parts(model).items()]
+            for part, module in model.parts().items()]
     total = {"part": "total", "params": count_params(model), "macs": macs[""]}
     rest = {"part": "rest (stem, head)", "params": total["params"] - sum(r["params"] for r in rows),
             "macs": total["macs"] - sum(r["macs"] for r in rows)}

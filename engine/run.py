@@ -25,7 +25,7 @@ from engine.metrics import process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
-from models import build_model
+from models import Backbone, build_model
 from models.placement import ConfigError
 
 log = logging.getLogger("attnlab")
@@ -61,24 +61,22 @@ def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Pat
         raise CheckpointError(f"{path} was saved from a different model or class list: {detail}") from None
 
 
-HEAD_PREFIXES = ("fc.", "head.", "aux_head.", "fusion.")  # the classifiers of every backbone
-
-
-def load_init_weights(model: nn.Module, path: str | Path, new_head: bool) -> None:
-    """Fine-tuning's start: a checkpoint's weights; with ``new_head`` the classifier stays freshly built.
+def load_init_weights(model: Backbone, path: str | Path, new_head: bool) -> None:
+    """Fine-tuning's start: a checkpoint's weights; with ``new_head`` the classifiers stay freshly built.
 
     Anything else that does not fit (another architecture) is refused with the mismatch shown.
     """
+    head_prefixes = tuple(f"{name}." for name in model.classifier_names)
     weights = load_checkpoint(path)["model"]
     if new_head:
-        weights = {k: v for k, v in weights.items() if not k.startswith(HEAD_PREFIXES)}
+        weights = {k: v for k, v in weights.items() if not k.startswith(head_prefixes)}
     own = model.state_dict()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in weights.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in weights and not (new_head and k.startswith(HEAD_PREFIXES))]
+    missing = [k for k in own if k not in weights and not (new_head and k.startswith(head_prefixes))]
     unexpected = [k for k in weights if k not in own]
     if mismatched or missing or unexpected:
-        head_only = all(k.split(":")[0].startswith(HEAD_PREFIXES) for k in mismatched + missing + unexpected)
+        head_only = all(k.split(":")[0].startswith(head_prefixes) for k in mismatched + missing + unexpected)
         hint = "; to fine-tune for another class list set trainer.new_head=true" if head_only and not new_head else ""
         problems = mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
         raise CheckpointError(f"{path} does not fit this model ({'; '.join(problems)}){hint}")
@@ -166,7 +164,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     eval_model = model
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=getattr(raw_model, "has_unused_parameters", False))
+                                        find_unused_parameters=bool(raw_model.unused_in_some_phase))
     optimizer = build_optimizer(raw_model, cfg.optim, global_batch=cfg.data.batch_size * world_size)
     if cfg.optim.lr_reference_batch:
         log.info("lr %g: %g x global batch %d / %d", optimizer.param_groups[0]["lr"], cfg.optim.lr,
@@ -325,13 +323,13 @@ def _report_skipped(run_dir: Path, reasons: list[str], main: bool) -> int:
     return len(known) + len(new)
 
 
-def _set_epoch(model: nn.Module, ema: ModelEmaV3 | None, epoch: int, epochs: int) -> None:
-    """Tell a model trained in stages (AG-CNN) which epoch this is; its EMA copy too."""
-    for m in (model, ema.module if ema else None):
-        if m is not None and hasattr(m, "set_epoch"):
-            stage = m.set_epoch(epoch, epochs)
-            if m is model:
-                log.info("epoch %d: training stage '%s'", epoch, stage)
+def _set_epoch(model: Backbone, ema: ModelEmaV3 | None, epoch: int, epochs: int) -> None:
+    """Tell the model (and its EMA copy) which epoch this is; one trained in stages (AG-CNN) picks its stage."""
+    stage = model.set_epoch(epoch, epochs)
+    if ema is not None:
+        ema.module.set_epoch(epoch, epochs)
+    if stage is not None:
+        log.info("epoch %d: training stage '%s'", epoch, stage)
 
 
 def check_sync_bn(sync_bn: bool, device: torch.device) -> None:

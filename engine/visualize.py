@@ -9,7 +9,8 @@ from captum.attr import LayerGradCam
 from matplotlib import colormaps
 from torch import nn
 
-from models.attention.maps import PROBES, attention_maps, query_index
+from models.attention.maps import attention_maps, blocks_with_maps, query_index
+from models.backbones.base import Backbone
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -47,13 +48,10 @@ def channel_strip(gates: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 @contextmanager
 def capture_block_inputs(model: nn.Module) -> Iterator[list[tuple[str, nn.Module, torch.Tensor]]]:
-    """Records (name, block, input) for every block with a probe while the model runs."""
+    """Records (name, block, input) for every block with maps while the model runs."""
     records: list[tuple[str, nn.Module, torch.Tensor]] = []
-    handles = []
-    for name, module in model.named_modules():
-        if type(module) in PROBES:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: records.append((name, m, args[0].detach()))))
+    handles = [block.register_forward_pre_hook(lambda m, args, name=name: records.append((name, m, args[0].detach())))
+               for name, block in blocks_with_maps(model)]
     try:
         yield records
     finally:
@@ -64,7 +62,7 @@ def capture_block_inputs(model: nn.Module) -> Iterator[list[tuple[str, nn.Module
 @torch.no_grad()
 def render_attention(model: nn.Module, images: torch.Tensor, display: torch.Tensor,
                      query: tuple[float, float] = (0.5, 0.5)) -> list[dict[str, np.ndarray]]:
-    """Every probed block's maps for each image, rendered at the image's size.
+    """Every block's maps for each image, rendered at the image's size.
 
     Args:
         model: in eval mode.
@@ -87,26 +85,16 @@ def render_attention(model: nn.Module, images: torch.Tensor, display: torch.Tens
     return out
 
 
-def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The module whose (B, C, h, w) output Grad-CAM explains: the last stage, or VOLO's token map."""
-    if hasattr(model, "global_branch"):  # AG-CNN: the global branch, which chooses the crop
-        return gradcam_layer(model.global_branch)
-    if hasattr(model, "token_map"):
-        return model.token_map
-    stages = model.stages if isinstance(model.stages, nn.ModuleList) else model.stages()
-    return stages[-1]
-
-
-def render_gradcam(model: nn.Module, images: torch.Tensor, display: torch.Tensor) -> list[np.ndarray]:
-    """Grad-CAM (captum's ``LayerGradCam``) of the predicted class at ``gradcam_layer``, as overlays."""
+def render_gradcam(model: Backbone, images: torch.Tensor, display: torch.Tensor) -> list[np.ndarray]:
+    """Grad-CAM (captum's ``LayerGradCam``) of the predicted class at the model's ``cam_layer()``, as overlays."""
     with torch.no_grad():
         predicted = model(images).argmax(1)
-    cam = LayerGradCam(model, gradcam_layer(model)).attribute(images, target=predicted, relu_attributions=True)
+    cam = LayerGradCam(model, model.cam_layer()).attribute(images, target=predicted, relu_attributions=True)
     return [heat_overlay(display[b], cam[b, 0].detach()) for b in range(len(images))]
 
 
 def log_attention_images(writer, model: nn.Module, images: torch.Tensor, display: torch.Tensor, step: int) -> None:
-    """Every probed block's maps and Grad-CAM of ``images`` under the ``attention/`` TensorBoard tags."""
+    """Every map-giving block's maps and Grad-CAM of ``images`` under the ``attention/`` TensorBoard tags."""
     was_training = model.training
     model.eval()
     try:

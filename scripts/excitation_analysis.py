@@ -3,7 +3,7 @@
 Usage: python scripts/excitation_analysis.py [checkpoint=PATH] [blocks=[[2,1],[3,3]]] [max_images=N]
            [out=DIR] <train.py overrides>
 ``blocks`` are (stage, unit) pairs, both 1-based (the SE paper's SE_2_1 ... SE_5_3); the channel gate
-is that unit's SE, ECA or CBAM channel gate (the first one in the unit). For each block, the mean
+is the "channel gate" map of the unit's first block that has one (SE, ECA, CBAM). For each block, the mean
 excitation of every channel over the val images of each class and over all of them is written to
 ``out/excitation.csv`` (block, class, channel, mean) and plotted, one panel per block, as the paper's
 Figure: if the per-class curves coincide the block is class-agnostic, if they part it is
@@ -24,23 +24,33 @@ from _inputs import load_model, split_args  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from data import build_datasets  # noqa: E402
-from engine.complexity import model_parts  # noqa: E402
 from engine.visualize import capture_block_inputs  # noqa: E402
-from models.attention.maps import CHANNEL_GATES, attention_maps  # noqa: E402
+from models import Backbone  # noqa: E402
+from models.attention.maps import attention_maps, blocks_with_maps  # noqa: E402
 
 DEFAULTS = {"checkpoint": None, "blocks": None, "max_images": None, "out": "excitation", "batch_size": 100}
 
 
-def gate_blocks(model: torch.nn.Module, blocks: list[list[int]] | None) -> dict[str, torch.nn.Module]:
-    """The channel-gate block of each (stage, unit); by default the last unit of every stage."""
-    stages = list(model_parts(model).values())
+@torch.no_grad()
+def gate_blocks(model: Backbone, blocks: list[list[int]] | None,
+                example: torch.Tensor) -> dict[str, torch.nn.Module]:
+    """The channel-gate block of each (stage, unit); by default the last unit of every stage.
+
+    ``example``: one model input (1, 3, H, W), run once so that each block's maps of the input it
+    receives tell whether it has a "channel gate".
+    """
+    stages = list(model.stages)
     chosen = blocks or [[s, len(stage)] for s, stage in enumerate(stages, start=1)]
-    found = {}
     for stage, unit in chosen:
         if not 1 <= stage <= len(stages) or not 1 <= unit <= len(stages[stage - 1]):
             sys.exit(f"error: blocks: no unit {unit} in stage {stage}; stages have "
                      f"{[len(s) for s in stages]} units")
-        gates = [m for m in stages[stage - 1][unit - 1].modules() if type(m) in CHANNEL_GATES]
+    with capture_block_inputs(model) as records:
+        model(example)
+    with_gate = {block for _, block, x in records if "channel gate" in attention_maps(block, x)}
+    found = {}
+    for stage, unit in chosen:
+        gates = [block for _, block in blocks_with_maps(stages[stage - 1][unit - 1]) if block in with_gate]
         if not gates:
             sys.exit(f"error: stage {stage} unit {unit} has no channel gate (SE, ECA or CBAM); "
                      "train with attention=se|eca|cbam")
@@ -70,8 +80,8 @@ def main(argv: list[str]) -> int:
     """Measure, write the CSV and the figure, print a summary."""
     args, overrides = split_args(argv, DEFAULTS)
     model, cfg = load_model(overrides, args["checkpoint"])
-    gates = gate_blocks(model, args["blocks"])
     val_set = build_datasets(cfg.data, seed=cfg.seed)[1]
+    gates = gate_blocks(model, args["blocks"], val_set[0][0][None])
     if args["max_images"]:
         val_set = Subset(val_set, range(min(args["max_images"], len(val_set))))
     loader = DataLoader(val_set, batch_size=args["batch_size"], num_workers=0)

@@ -153,7 +153,7 @@ def test_group_norm_resnet_has_no_batch_statistics(name, groups):
     ({"name": "resnet20"}, {"name": "se", "position": "middle"}, "unknown position 'middle'; valid positions: default, standard"),
     ({"name": "resnet20"}, {"name": "se", "every": 0}, "every=0 must be an integer >= 1"),
     ({"name": "resnet20"}, {"name": "se", "stages": "two"}, "stages='two' must be 'all' or a list"),
-    ({"name": "resnet99"}, {"name": "none"}, "unknown backbone 'resnet99'; valid names: resnet18"),
+    ({"name": "resnet99"}, {"name": "none"}, "unknown backbone 'resnet99'; valid names: agcnn, mobilenetv2"),
     ({"name": "resnet20", "stride_in_1x1": True}, {"name": "none"}, "unknown key(s) stride_in_1x1"),
     ({"name": "resnet50", "stem": "tiny"}, {"name": "none"}, "model.stem='tiny' is not a stem; valid stems: cifar, imagenet"),
     ({"name": "resnet20", "norm": "layer"}, {"name": "none"}, "model.norm='layer' is not valid; use one of batch, group"),
@@ -167,12 +167,11 @@ def test_bad_model_or_attention_config_names_the_fix(model_cfg, attention, messa
 # --- every block at every position it takes, on both unit types ------------------------------------
 
 from models.attention import ATTENTION_BLOCKS  # noqa: E402
+from models.backbones import SMALL_OPTIONS  # noqa: E402
 from models.backbones.resnet import ResNet  # noqa: E402
-from models.placement import parse_attention_specs  # noqa: E402
+from models.placement import POSITIONS, parse_attention_specs  # noqa: E402
 
-ROLE_POSITIONS = ["standard", "pre", "post", "identity", "after_spatial", "replace_spatial", "stem"]
-COMBOS = [(name, pos) for name, cls in sorted(ATTENTION_BLOCKS.items()) for pos in ROLE_POSITIONS
-          if pos in cls.positions]
+COMBOS = [(name, pos) for name, cls in sorted(ATTENTION_BLOCKS.items()) for pos in POSITIONS if pos in cls.positions]
 
 
 @pytest.mark.parametrize("unit", [BasicBlock, Bottleneck])
@@ -192,7 +191,7 @@ def test_every_block_at_every_position_it_takes(unit, name, position):
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
 def test_a_position_the_block_does_not_take_is_refused_with_the_valid_ones(name):
     cls = ATTENTION_BLOCKS[name]
-    refused = next(p for p in ROLE_POSITIONS if p not in cls.positions)
+    refused = next(p for p in POSITIONS if p not in cls.positions)
     with pytest.raises(ConfigError, match=f"cannot go at position '{refused}'.*valid positions: "):
         build_model({"name": "resnet20"}, {"name": name, "position": refused})
 
@@ -200,7 +199,6 @@ def test_a_position_the_block_does_not_take_is_refused_with_the_valid_ones(name)
 # --- MobileNetV2 -----------------------------------------------------------------------------------
 
 from models.attention import CoordAttention  # noqa: E402
-from models.backbones.mobilenetv2 import InvertedResidual  # noqa: E402
 
 
 @pytest.mark.parametrize("width", [1.4, 1.0, 0.75, 0.5, 0.35])
@@ -349,8 +347,8 @@ def test_volo_stage1_mixer_is_pluggable(mixer):
 def test_volo_stages_are_the_papers_four_with_the_cifar_token_grids():
     model = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "se", "stages": [1, 4]},
                         num_classes=10)
-    assert [len(s) for s in model.stages()] == [4, 4, 8, 2]
-    gated = [i for i, s in enumerate(model.stages(), start=1) if any(isinstance(m, SqueezeExcite) for m in s.modules())]
+    assert [len(s) for s in model.stages] == [4, 4, 8, 2]
+    gated = [i for i, s in enumerate(model.stages, start=1) if any(isinstance(m, SqueezeExcite) for m in s.modules())]
     assert gated == [1, 4]
     tokens = model.forward_features(torch.randn(1, 3, 32, 32))
     assert model.feature_map(tokens).shape == (1, 384, 8, 8)  # 32 -> 16x16 tokens -> 8x8 after the downsample
@@ -433,30 +431,20 @@ def test_agcnn_wraps_any_backbone_with_its_options():
 
 # --- every backbone, one mechanism -----------------------------------------------------------------
 
-SMALL = {
-    "resnet20": {"name": "resnet20"},
-    "resnet50": {"name": "resnet50", "stem": "cifar"},
-    "mobilenetv2": {"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.35},
-    "mobilenext": {"name": "mobilenext", "stem": "cifar", "width_mult": 0.35},
-    "volo_d1": {"name": "volo_d1", "stem": "cifar", "img_size": 32},
-    "agcnn": {"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32},
-}
-
-
-@pytest.mark.parametrize("backbone", SMALL)
-@pytest.mark.parametrize("block", list(ATTENTION_BLOCKS))
+@pytest.mark.parametrize("backbone", sorted(SMALL_OPTIONS))
+@pytest.mark.parametrize("block", sorted(ATTENTION_BLOCKS))
 def test_every_backbone_runs_every_block_at_its_default_position_at_32x32(backbone, block):
-    model = build_model(SMALL[backbone], {"name": block, "stages": [-2]}, num_classes=10)
-    trained = model
-    if backbone == "agcnn":  # its first training stage: the global branch
-        model.set_epoch(1, 2)
-        trained = model.global_branch
-    assert any(isinstance(m, ATTENTION_BLOCKS[block]) for m in trained.modules())
+    """Every registered block on every backbone registered with small options, at their last-but-one stage."""
+    model = build_model({"name": backbone, **SMALL_OPTIONS[backbone]}, {"name": block, "stages": [-2]},
+                        num_classes=10)
+    block_type = ATTENTION_BLOCKS[block]
+    model.set_epoch(1, 2)  # a model trained in phases (AG-CNN) trains only its first phase's part
+    trained = [m for m in model.modules() if isinstance(m, block_type) and m.training]
+    assert trained
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.sum().backward()
-    assert all(p.grad is not None for m in trained.modules() if isinstance(m, ATTENTION_BLOCKS[block])
-               for p in m.parameters())
+    assert all(p.grad is not None for m in trained for p in m.parameters())
 
 
 @pytest.mark.parametrize("model_cfg,block", [

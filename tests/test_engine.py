@@ -680,6 +680,27 @@ def test_fine_tuning_with_a_new_head_is_explicit(tmp_path):
         load_init_weights(other, tmp_path / "c10.pt", new_head=True)  # another architecture: refused
 
 
+@pytest.mark.parametrize("model_cfg", [{"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32},
+                                       {"name": "volo_d1", "stem": "cifar", "img_size": 32, "layers": [1, 1, 1, 1],
+                                        "embed_dims": [32, 64, 64, 64], "num_heads": [2, 4, 4, 4]}],
+                         ids=["agcnn", "volo"])
+def test_a_new_head_leaves_every_classifier_the_model_declares_fresh(tmp_path, model_cfg):
+    """AG-CNN's fusion layer and both branches' heads; VOLO's head and auxiliary token head."""
+    from engine.run import load_init_weights
+    from models import build_model
+
+    source = build_model(model_cfg, {"name": "none"}, num_classes=10)
+    save_checkpoint({"model": source.state_dict(), "epoch": 3}, tmp_path / "c10.pt")
+    target = build_model(model_cfg, {"name": "none"}, num_classes=2)
+    heads = tuple(f"{n}." for n in target.classifier_names)
+    assert len(heads) > 1
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k.startswith(heads)}
+    load_init_weights(target, tmp_path / "c10.pt", new_head=True)
+    after, before = target.state_dict(), source.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in fresh.items())
+    assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith(heads))
+
+
 def test_a_stop_signal_is_handed_on_to_the_handler_it_displaced():
     """Under SLURM, submitit's SIGUSR1 handler requeues the job: it must still run once the run stopped."""
     import os

@@ -2,12 +2,13 @@
 import os
 import pickle
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from engine.hooks import fault_point
 
 
 class CheckpointError(RuntimeError):
@@ -23,30 +24,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    pause_for_tests("ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE")
+    fault_point("checkpoint_write")
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-
-
-_pause_counts: dict[str, int] = {}
-
-
-def pause_for_tests(variable: str) -> None:
-    """For the fault tests: with ``variable`` set to ``N:MARKER``, the N-th time this point is reached
-    the process writes MARKER and waits to be killed, so a test can kill it exactly there.
-
-    ``ATTNLAB_TEST_PAUSE_RANK=R`` pauses rank R only; workers restarted by torchrun never pause.
-    """
-    setting = os.environ.get(variable)
-    if not setting or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
-        return
-    if os.environ.get("ATTNLAB_TEST_PAUSE_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
-        return
-    count, marker = setting.split(":", 1)
-    _pause_counts[variable] = _pause_counts.get(variable, 0) + 1
-    if _pause_counts[variable] == int(count):
-        Path(marker).write_text(str(os.getpid()))
-        while True:
-            time.sleep(1)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

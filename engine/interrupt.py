@@ -2,7 +2,7 @@
 import signal
 from collections.abc import Callable
 
-from engine.checkpoint import pause_for_tests
+from engine.hooks import fault_point
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -73,4 +73,4 @@ class StepCheckpointer:
     def save(self, progress: dict) -> None:
         """Write the mid-epoch checkpoint; ``progress``: the epoch's ``batches`` done and loss totals."""
         self._save(progress)
-        pause_for_tests("ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT")
+        fault_point("after_step_checkpoint")

@@ -1,6 +1,5 @@
 """One training epoch and one evaluation pass."""
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -12,7 +11,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.corrupt import batch_skipped, require_images
-from engine.distributed import agree_at_sync_point, all_reduce_sum, get_rank, get_world_size
+from engine.distributed import agree_at_sync_point, all_reduce_sum, get_world_size
+from engine.hooks import fault_point
 from models.placement import ConfigError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,7 +102,6 @@ def train_one_epoch(
     pending: list[torch.Tensor] = []  # losses not yet read back
     images, interval_images, steps_run = 0, 0, 0
     single_process = get_world_size() == 1
-    poisoned = nonfinite_steps_for_tests()
     start = last_log = time.perf_counter()
 
     def flush(step: int) -> int | None:
@@ -143,8 +142,7 @@ def train_one_epoch(
             x, y = mixup(x, y)
         with precision.autocast():
             loss = criterion(model(x), y)
-        if step in poisoned:
-            loss = loss * float("nan")
+        loss = fault_point("loss", loss, step=step)
         scaler.scale(loss).backward()
         if clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -206,16 +204,6 @@ def _finite_on_every_rank(loss: torch.Tensor, model: nn.Module, scaler: torch.am
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def nonfinite_steps_for_tests() -> set[int]:
-    """For the fault tests: ``ATTNLAB_TEST_NONFINITE_LOSS=RANK:STEP[,STEP...]`` makes that rank's loss
-    NaN at those (1-based, global) steps."""
-    setting = os.environ.get("ATTNLAB_TEST_NONFINITE_LOSS")
-    if not setting:
-        return set()
-    rank, steps = setting.split(":", 1)
-    return {int(s) for s in steps.split(",")} if int(rank) == get_rank() else set()
 
 
 @torch.no_grad()

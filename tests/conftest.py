@@ -15,6 +15,8 @@ CONFIG_DIR = ROOT / "configs"
 SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
 
 register_configs()
+# The engine's fault points run tests/faults.py in every run the tests start (torchrun's workers inherit it).
+os.environ["ATTNLAB_TEST_HOOKS"] = "tests.faults"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one worker per core; more torch threads per worker would only contend.

@@ -2,11 +2,13 @@
 import os
 import pickle
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from engine.hooks import fault_point
 
@@ -71,3 +73,61 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Load a state dict, turning an architecture mismatch into a short CheckpointError."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(f"{path} was saved from a different model or class list: {detail}") from None
+
+
+@dataclass
+class TrainState:
+    """What training carries from epoch to epoch, and what a checkpoint holds."""
+
+    model: nn.Module  # the module whose state dict is saved, not its DDP or compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a timm scheduler, or None
+    scaler: torch.amp.GradScaler
+    ema: Any = None  # timm's ModelEmaV3, or None
+    epoch: int = 0  # whole epochs done
+    partial: dict[str, Any] = field(default_factory=lambda: {"batches": 0})  # progress into the next epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The finished epoch with the lowest top-1 error (the first of equals)."""
+        if not self.history:
+            return {"top1_err": float("inf"), "epoch": 0}
+        record = min(self.history, key=lambda h: h["top1_err"])
+        return {"top1_err": record["top1_err"], "epoch": record["epoch"]}
+
+    def checkpoint(self, config: dict[str, Any], in_progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything a resume needs after ``epoch`` whole epochs (and ``in_progress`` steps of the next)."""
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "partial": in_progress,
+            "history": self.history, "best": self.best, "rng": rng_state(), "config": config,
+        }
+
+    def restore(self, saved: dict[str, Any], path: Path | str, weights_only: bool = False) -> None:
+        """Load a checkpoint's weights; unless ``weights_only``, its optimiser, schedule, progress and RNGs."""
+        load_weights(self.model, saved["model"], path)
+        if self.ema is not None and saved.get("ema") is not None:
+            load_weights(self.ema.module, saved["ema"], path)
+        self.epoch = saved["epoch"]
+        if weights_only:
+            return
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None and saved.get("scheduler"):
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        self.history = list(saved["history"])
+        if saved.get("partial"):
+            self.partial = {k: v for k, v in saved["partial"].items() if k != "epoch"}

@@ -1,8 +1,10 @@
 """``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
+import functools
 import json
 import logging
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data import build_datasets, build_loaders, check_in_memory, set_train_epoch
-from engine.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from engine.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from engine.complexity import count_macs, count_params
 from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
                                 broadcast_object, check_replicas_agree, cleanup, init_distributed)
@@ -24,7 +26,7 @@ from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
 from engine.metrics import process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import LazyWriter, log_hparams
-from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
+from engine.trainer import NonFiniteLossError, Precision, build_precision, evaluate, train_one_epoch
 from models import Backbone, build_model
 from models.placement import ConfigError
 
@@ -50,15 +52,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor], path: Path | str) -> None:
-    """Load a state dict, turning an architecture mismatch into a short CheckpointError."""
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:400]
-        raise CheckpointError(f"{path} was saved from a different model or class list: {detail}") from None
 
 
 def load_init_weights(model: Backbone, path: str | Path, new_head: bool) -> None:
@@ -120,8 +113,50 @@ def _mark_failed(run_dir: Path, error: BaseException, status: str = "failed") ->
     write_json(path, metrics)
 
 
+@dataclass
+class Run:
+    """What a run built around its training state: config, processes, data, loss, the modules that run."""
+
+    cfg: DictConfig
+    run_dir: Path
+    precision: Precision
+    rank: int
+    world_size: int
+    train_loader: Any
+    val_loader: Any
+    criterion: nn.Module
+    mixup: Mixup | None
+    train_model: nn.Module  # what the steps run: the model, compiled and DDP-wrapped as configured
+    eval_model: nn.Module  # the same without DDP
+    steps_per_epoch: int  # of a whole epoch (a resumed loader's length is what is left of its epoch)
+    writer: LazyWriter | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # what metrics.json holds
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the outputs (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def checkpoints(self) -> Path:
+        """The folder of ``last.pt`` and ``best.pt``."""
+        return self.run_dir / "checkpoints"
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """The body of ``train``."""
+    """The body of ``train``: build, then fit (or evaluate only)."""
+    run, state = _build(cfg, run_dir)
+    try:
+        if cfg.trainer.eval_only:
+            return _evaluate_only(run, state)
+        return fit(run, state)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+
+
+def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
+    """Devices and processes, the model (checked first), data, loss, optimiser, schedule, EMA; resumed."""
     tcfg = cfg.trainer
     device = select_device(tcfg.device)
     precision = build_precision(tcfg.amp, device)
@@ -136,12 +171,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     check_sync_bn(tcfg.sync_bn, device)
     check_in_memory(cfg.data)
     rank, world_size = init_distributed(device, tcfg.dist_timeout_s)
-    main = rank == 0
     if rank:
         seed_everything(cfg.seed + rank, tcfg.deterministic)  # each rank its own augmentation stream
     # Hydra computes ${now:...} in every process: all ranks write to rank 0's directory
     run_dir = Path(broadcast_object(str(run_dir)))
-    if main:
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
@@ -150,146 +184,169 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed, device=device
     )
     log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
-
     if tcfg.init_from and not (run_dir / "checkpoints" / "last.pt").exists():  # a resume wins
         load_init_weights(model, tcfg.init_from, tcfg.new_head)
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
+    model, train_model, eval_model = _place_model(model, tcfg, device, world_size)
+    run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, criterion, mixup,
+              train_model, eval_model, len(train_loader))
+    state = _build_state(cfg, model, precision, world_size, len(train_loader))
+    _resume(run, state)
+    run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.main else None
+    run.metrics = {"status": "running", "epoch": state.epoch if not tcfg.eval_only else 0,
+                   "epochs": tcfg.epochs, **summary}
+    if state.history:
+        run.metrics.update(state.history[-1])
+    if run.main:
+        write_json(run_dir / "metrics.json", run.metrics)  # "running" from the start, for anyone watching
+    return run, state
+
+
+def _place_model(model: Backbone, tcfg, device: torch.device, world_size: int
+                 ) -> tuple[Backbone, nn.Module, nn.Module]:
+    """SyncBN, device and memory format, compile, DDP: (the saved module, the one trained, the one evaluated)."""
     if tcfg.sync_bn and world_size > 1:  # same parameter names: checkpoints stay interchangeable
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         log.info("batch norm statistics synchronised over %d processes", world_size)
     model.to(device, memory_format=torch.channels_last if tcfg.channels_last else torch.preserve_format)
-    raw_model = model  # the module whose state dict is saved
-    if tcfg.compile:
-        model = torch.compile(model)
-    eval_model = model
+    eval_model = torch.compile(model) if tcfg.compile else model
+    train_model = eval_model
     if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=bool(raw_model.unused_in_some_phase))
-    optimizer = build_optimizer(raw_model, cfg.optim, global_batch=cfg.data.batch_size * world_size)
+        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=bool(model.unused_in_some_phase))
+    return model, train_model, eval_model
+
+
+def _build_state(cfg: DictConfig, model: Backbone, precision: Precision, world_size: int,
+                 steps_per_epoch: int) -> TrainState:
+    """A fresh training state: the optimiser (lr scaled to the global batch), the schedule, EMA."""
+    optimizer = build_optimizer(model, cfg.optim, global_batch=cfg.data.batch_size * world_size)
     if cfg.optim.lr_reference_batch:
         log.info("lr %g: %g x global batch %d / %d", optimizer.param_groups[0]["lr"], cfg.optim.lr,
                  cfg.data.batch_size * world_size, cfg.optim.lr_reference_batch)
-    scheduler = build_scheduler(optimizer, cfg.sched, tcfg.epochs, len(train_loader))
-    ema = ModelEmaV3(raw_model, decay=tcfg.ema_decay) if tcfg.ema else None
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.epochs, steps_per_epoch)
+    ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema else None
+    return TrainState(model, optimizer, scheduler, precision.scaler, ema)
 
-    # Resume: an explicit checkpoint, else this run directory's own last one.
-    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
-    resume = tcfg.resume or (last_path if last_path.exists() else None)
-    start_epoch, history, best = 1, [], {"top1_err": float("inf"), "epoch": 0}
-    partial = {"batches": 0}  # progress into start_epoch of a mid-epoch checkpoint
-    if resume:
-        state = load_checkpoint(resume)
-        training = None if tcfg.eval_only else (optimizer, scheduler, precision.scaler)
-        _restore(state, resume, raw_model, ema, training)
-        if not tcfg.eval_only:
-            start_epoch, history, best = state["epoch"] + 1, list(state["history"]), dict(state["best"])
-            if state.get("partial"):
-                partial = {k: v for k, v in state["partial"].items() if k != "epoch"}
-        log.info("resumed from %s (epoch %d%s)", resume, state["epoch"],
-                 f", then {partial['batches']} steps of epoch {start_epoch}" if partial["batches"] else "")
 
-    writer = LazyWriter(str(run_dir / "tensorboard")) if main else None
-    metrics: dict[str, Any] = {"status": "running", "epoch": start_epoch - 1, "epochs": tcfg.epochs, **summary}
-    if history:
-        metrics.update(history[-1])
-    if main:
-        write_json(run_dir / "metrics.json", metrics)  # "running" from the start, for anyone watching
-    try:
-        if tcfg.eval_only:
-            _set_epoch(raw_model, ema, tcfg.epochs, tcfg.epochs)
-            result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
-            metrics.update(_epoch_metrics(result, ema and evaluate(ema.module, val_loader, precision)))
-            skipped = _gather_skipped(result["skipped"])
-            if skipped:
-                metrics["skipped_images"] = _report_skipped(run_dir, skipped, main)
-            metrics.update(status="completed", epoch=state["epoch"], best_top1_err=metrics["top1_err"])
-            return _finish(metrics, run_dir, main, writer=None, cfg=cfg)
-        if start_epoch > tcfg.epochs:
-            log.info("run already finished %d epochs; nothing to do", tcfg.epochs)
-        steps_per_epoch = len(train_loader)
-        if scheduler is not None:  # the lr of the next step
-            scheduler.step_update((start_epoch - 1) * steps_per_epoch + partial["batches"])
+def _resume(run: Run, state: TrainState) -> None:
+    """Restore an explicit ``trainer.resume`` checkpoint, else this run directory's own last one."""
+    tcfg = run.cfg.trainer
+    last = run.checkpoints / "last.pt"
+    path = tcfg.resume or (last if last.exists() else None)
+    if not path:
+        return
+    state.restore(load_checkpoint(path), path, weights_only=tcfg.eval_only)
+    batches = state.partial["batches"]
+    log.info("resumed from %s (epoch %d%s)", path, state.epoch,
+             f", then {batches} steps of epoch {state.epoch + 1}" if batches else "")
 
-        def training_state(epoch_done: int, in_progress: dict | None = None) -> dict[str, Any]:
-            """Everything a resume needs, after ``epoch_done`` whole epochs (and ``in_progress`` steps)."""
-            return {
-                "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": precision.scaler.state_dict(), "epoch": epoch_done, "partial": in_progress,
-                "history": history, "best": best, "rng": rng_state(),
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            }
 
-        metrics["startup_s"] = round(process_age_s(), 2)  # the command to the first step: imports, data, model
-        log.info("ready to train %.1f s after the command started", metrics["startup_s"])
-        with StopSignals() as signals:
-            for epoch in range(start_epoch, tcfg.epochs + 1):
-                resumed = _rank_share(partial, rank, world_size) if epoch == start_epoch else {"batches": 0}
-                skip = resumed.pop("batches")
-                set_train_epoch(train_loader, epoch, skip)
-                _set_epoch(raw_model, ema, epoch, tcfg.epochs)
+def _evaluate_only(run: Run, state: TrainState) -> dict[str, Any]:
+    """``trainer.eval_only=true``: the resumed weights (and their EMA) on the val set, once."""
+    tcfg, metrics = run.cfg.trainer, run.metrics
+    _set_epoch(state.model, state.ema, tcfg.epochs, tcfg.epochs)
+    result = evaluate(run.eval_model, run.val_loader, run.precision, tcfg.channels_last)
+    metrics.update(_epoch_metrics(result, state.ema and evaluate(state.ema.module, run.val_loader, run.precision)))
+    skipped = _gather_skipped(result["skipped"])
+    if skipped:
+        metrics["skipped_images"] = _report_skipped(run.run_dir, skipped, run.main)
+    metrics.update(status="completed", epoch=state.epoch, best_top1_err=metrics["top1_err"])
+    return _finish(metrics, run.run_dir, run.main, writer=None, cfg=run.cfg)
 
-                def save_partial(progress: dict, epoch: int = epoch):
-                    # each rank's own loss totals, so a resume adds up exactly what the full run does
-                    per_rank = all_gather_objects((progress["loss_sum"], progress["loss_steps"]))
-                    progress = {**progress, "loss_sum": [s for s, _ in per_rank],
-                                "loss_steps": [n for _, n in per_rank]}
-                    if main:
-                        save_checkpoint(training_state(epoch - 1, {"epoch": epoch, **progress}), last_path)
 
-                checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals, save_partial)
-                stats = train_one_epoch(
-                    model, criterion, train_loader, optimizer, precision, epoch,
-                    start_step=(epoch - 1) * steps_per_epoch, scheduler=scheduler, ema=ema, mixup=mixup,
-                    clip_grad=cfg.optim.clip_grad, channels_last=tcfg.channels_last,
-                    log_interval=tcfg.log_interval, writer=writer, progress=tcfg.progress and main,
-                    skip_batches=skip, checkpointer=checkpointer, on_nonfinite=tcfg.on_nonfinite,
-                    resumed=resumed,
-                )
-                if stats["stopped"]:
-                    raise RunInterrupted(
-                        f"{signals.received or 'a signal on another rank'}: stopped after step "
-                        f"{(epoch - 1) * steps_per_epoch + skip + stats['steps']} (epoch {epoch}) with a "
-                        f"checkpoint in {last_path}; run the same command to resume", handoff=signals.handoff()
-                    )
-                check_replicas_agree(raw_model, f"epoch {epoch}")
-                result = evaluate(eval_model, val_loader, precision, tcfg.channels_last)
-                ema_result = evaluate(ema.module, val_loader, precision, tcfg.channels_last) if ema else None
-                totals = torch.tensor([stats["loss_sum"], stats["loss_steps"]], dtype=torch.float64, device=device)
-                loss_sum, loss_steps = all_reduce_sum(totals).tolist()
-                train_loss = loss_sum / max(loss_steps, 1)  # over every rank's batches
-                epoch_metrics = {"epoch": epoch, "train_loss": train_loss,
-                                 "train_images_per_s": stats["images_per_s"], **_epoch_metrics(result, ema_result)}
-                if stats["skipped_steps"]:
-                    epoch_metrics["skipped_steps"] = stats["skipped_steps"]
-                skipped = _gather_skipped(
-                    stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
-                if skipped:
-                    epoch_metrics["skipped_images"] = _report_skipped(run_dir, skipped, main)
-                history.append(epoch_metrics)
-                is_best = epoch_metrics["top1_err"] < best["top1_err"]
-                if is_best:
-                    best = {"top1_err": epoch_metrics["top1_err"], "epoch": epoch}
-                metrics.update(epoch_metrics, best_top1_err=best["top1_err"], best_epoch=best["epoch"])
-                log.info("epoch %d/%d: train loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, loss %.4f%s",
-                         epoch, tcfg.epochs, train_loss, result["top1_err"], result["top5_err"],
-                         result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
-                if main:
-                    _log_evaluation(writer, result, ema_result, epoch * steps_per_epoch)
-                    if tcfg.attention_maps:
-                        _log_attention_maps(writer, raw_model, val_loader, cfg.data, tcfg.attention_maps,
-                                            epoch * steps_per_epoch)
-                    state = training_state(epoch)
-                    save_checkpoint(state, last_path)
-                    if is_best:
-                        save_checkpoint(state, best_path)
-                    write_json(run_dir / "metrics.json", metrics)
-        metrics["status"] = "completed"
-        return _finish(metrics, run_dir, main, writer, cfg)
-    finally:
-        if writer is not None:
-            writer.close()
+def fit(run: Run, state: TrainState) -> dict[str, Any]:
+    """Train from ``state`` to ``trainer.epochs``, evaluating and checkpointing after every epoch."""
+    epochs = run.cfg.trainer.epochs
+    if state.epoch >= epochs:
+        log.info("run already finished %d epochs; nothing to do", epochs)
+    if state.scheduler is not None:  # the lr of the next step
+        state.scheduler.step_update(state.epoch * run.steps_per_epoch + state.partial["batches"])
+    run.metrics["startup_s"] = round(process_age_s(), 2)  # the command to the first step: imports, data, model
+    log.info("ready to train %.1f s after the command started", run.metrics["startup_s"])
+    with StopSignals() as signals:
+        for epoch in range(state.epoch + 1, epochs + 1):
+            stats = _train_epoch(run, state, epoch, signals)
+            _end_epoch(run, state, epoch, stats)
+    run.metrics["status"] = "completed"
+    return _finish(run.metrics, run.run_dir, run.main, run.writer, run.cfg)
+
+
+def _train_epoch(run: Run, state: TrainState, epoch: int, signals: StopSignals) -> dict[str, Any]:
+    """One epoch's steps (the rest of it, after a mid-epoch resume); a stop signal ends the run here."""
+    tcfg, steps_per_epoch = run.cfg.trainer, run.steps_per_epoch
+    resumed = _rank_share(state.partial, run.rank, run.world_size)
+    state.partial = {"batches": 0}
+    skip = resumed.pop("batches")
+    set_train_epoch(run.train_loader, epoch, skip)
+    _set_epoch(state.model, state.ema, epoch, tcfg.epochs)
+    checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals,
+                                    functools.partial(_save_partial, run, state, epoch))
+    stats = train_one_epoch(
+        run.train_model, run.criterion, run.train_loader, state.optimizer, run.precision, epoch,
+        start_step=(epoch - 1) * steps_per_epoch, scheduler=state.scheduler, ema=state.ema, mixup=run.mixup,
+        clip_grad=run.cfg.optim.clip_grad, channels_last=tcfg.channels_last,
+        log_interval=tcfg.log_interval, writer=run.writer, progress=tcfg.progress and run.main,
+        skip_batches=skip, checkpointer=checkpointer, on_nonfinite=tcfg.on_nonfinite, resumed=resumed,
+    )
+    if stats["stopped"]:
+        raise RunInterrupted(
+            f"{signals.received or 'a signal on another rank'}: stopped after step "
+            f"{(epoch - 1) * steps_per_epoch + skip + stats['steps']} (epoch {epoch}) with a "
+            f"checkpoint in {run.checkpoints / 'last.pt'}; run the same command to resume", handoff=signals.handoff()
+        )
+    return stats
+
+
+def _save_partial(run: Run, state: TrainState, epoch: int, progress: dict[str, Any]) -> None:
+    """The mid-epoch checkpoint: the epochs done, and ``progress`` (steps, losses) into ``epoch``."""
+    # each rank's own loss totals, so a resume adds up exactly what the full run does
+    per_rank = all_gather_objects((progress["loss_sum"], progress["loss_steps"]))
+    progress = {**progress, "loss_sum": [s for s, _ in per_rank], "loss_steps": [n for _, n in per_rank]}
+    if run.main:
+        save_checkpoint(state.checkpoint(_config(run.cfg), {"epoch": epoch, **progress}), run.checkpoints / "last.pt")
+
+
+def _end_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any]) -> None:
+    """Check the replicas, evaluate, record the epoch in the history and metrics.json, checkpoint."""
+    tcfg = run.cfg.trainer
+    check_replicas_agree(state.model, f"epoch {epoch}")
+    result = evaluate(run.eval_model, run.val_loader, run.precision, tcfg.channels_last)
+    ema_result = evaluate(state.ema.module, run.val_loader, run.precision, tcfg.channels_last) if state.ema else None
+    totals = torch.tensor([stats["loss_sum"], stats["loss_steps"]], dtype=torch.float64,
+                          device=run.precision.device)
+    loss_sum, loss_steps = all_reduce_sum(totals).tolist()
+    record = {"epoch": epoch, "train_loss": loss_sum / max(loss_steps, 1),  # over every rank's batches
+              "lr": state.optimizer.param_groups[0]["lr"], "train_images_per_s": stats["images_per_s"],
+              **_epoch_metrics(result, ema_result)}
+    if stats["skipped_steps"]:
+        record["skipped_steps"] = stats["skipped_steps"]
+    skipped = _gather_skipped(stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
+    if skipped:
+        record["skipped_images"] = _report_skipped(run.run_dir, skipped, run.main)
+    is_best = record["top1_err"] < state.best["top1_err"]
+    state.history.append(record)
+    state.epoch = epoch
+    best = state.best
+    run.metrics.update(record, best_top1_err=best["top1_err"], best_epoch=best["epoch"], history=state.history)
+    log.info("epoch %d/%d: train loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, loss %.4f%s",
+             epoch, tcfg.epochs, record["train_loss"], result["top1_err"], result["top5_err"],
+             result["loss"], f", EMA top-1 err {ema_result['top1_err']:.2f}%" if ema_result else "")
+    if run.main:
+        steps = epoch * run.steps_per_epoch
+        _log_evaluation(run.writer, result, ema_result, steps)
+        if tcfg.attention_maps:
+            _log_attention_maps(run.writer, state.model, run.val_loader, run.cfg.data, tcfg.attention_maps, steps)
+        saved = state.checkpoint(_config(run.cfg))
+        save_checkpoint(saved, run.checkpoints / "last.pt")
+        if is_best:
+            save_checkpoint(saved, run.checkpoints / "best.pt")
+        write_json(run.run_dir / "metrics.json", run.metrics)
+
+
+def _config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, as checkpoints store it."""
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def _rank_share(partial: dict, rank: int, world_size: int) -> dict:
@@ -372,22 +429,6 @@ def _build_criterion(data_cfg) -> tuple[nn.Module, Mixup | None]:
                       label_smoothing=data_cfg.label_smoothing, num_classes=data_cfg.num_classes)
         return SoftTargetCrossEntropy(), mixup
     return nn.CrossEntropyLoss(label_smoothing=data_cfg.label_smoothing), None
-
-
-def _restore(state: dict[str, Any], path: Path | str, model: nn.Module, ema: nn.Module | None,
-             training: tuple | None) -> None:
-    """Load weights (and, given ``(optimizer, scheduler, scaler)``, the training state and RNGs)."""
-    _load_weights(model, state["model"], path)
-    if ema is not None and state.get("ema") is not None:
-        _load_weights(ema.module, state["ema"], path)
-    if training is None:
-        return
-    optimizer, scheduler, scaler = training
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler"):
-        scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
 
 
 def _log_evaluation(writer: LazyWriter, result: dict, ema_result: dict | None, step: int) -> None:

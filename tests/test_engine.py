@@ -268,6 +268,11 @@ def test_two_epochs_on_digits_write_every_output(quick_config, tmp_path):
     assert "${" not in saved and "stem: cifar" in saved
     for name in ("last.pt", "best.pt"):
         assert load_checkpoint(tmp_path / "checkpoints" / name)["epoch"] in (1, 2)
+    history = on_disk["history"]  # the run's curve, readable without its checkpoint
+    assert [h["epoch"] for h in history] == [1, 2] and history[-1]["top1_err"] == on_disk["top1_err"]
+    assert history == json.loads(json.dumps(load_checkpoint(tmp_path / "checkpoints" / "last.pt")["history"]))
+    assert on_disk["best_top1_err"] == min(h["top1_err"] for h in history)
+    assert history[0]["lr"] > history[1]["lr"] >= 0  # the cosine schedule's lr at each epoch's end
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from engine.complexity import count_params
 from models import ConfigError, build_model
@@ -28,7 +29,12 @@ def test_every_option_composes(group, option):
     extra = ["data.root=/some/where"] if group == "data" and option in ("imagenet", "imagefolder") else []
     extra += ["data.num_classes=5"] if option == "imagefolder" else []
     cfg = compose_config(f"{group}={option}", *extra)
-    assert cfg[group] is not None
+    # the option's own literal values, before composition
+    own = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"), resolve=False)
+    overridden = {e.split("=")[0].split(".", 1)[1] for e in extra}
+    chosen = {k: v for k, v in own.items() if k != "defaults" and k not in overridden
+              and not (isinstance(v, str) and ("${" in v or v == "???"))}
+    assert chosen and {k: cfg[group][k] for k in chosen} == chosen
 
 
 @pytest.mark.parametrize("model", options("model"))

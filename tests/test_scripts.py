@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from engine.complexity import count_macs, count_params
 from models import build_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -41,9 +42,15 @@ def test_complexity_parts_add_up_to_the_total(overrides, names):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     parts = result["parts"]
     assert [p["part"] for p in parts] == [*names, "rest (stem, head)", "total"]
-    assert parts[-1]["params"] == result["params"] == sum(p["params"] for p in parts[:-1])
-    assert parts[-1]["macs"] == result["macs"] == sum(p["macs"] for p in parts[:-1])
-    assert all(p["macs"] > 0 for p in parts[:len(names)])
+    assert parts[-1]["params"] == result["params"] and parts[-1]["macs"] == result["macs"]
+    # the rest, counted on its own: the parameters in no part (parts that overlapped would show here)
+    cfg = compose_config(*overrides)
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    in_parts = {id(p) for part in model.parts().values() for p in part.parameters()}
+    assert parts[-2]["params"] == sum(p.numel() for p in model.parameters() if id(p) not in in_parts)
+    assert [p["params"] for p in parts[:-2]] == [count_params(part) for part in model.parts().values()]
+    assert all(p["macs"] > 0 for p in parts[:len(names)]) and 0 <= parts[-2]["macs"] < result["macs"]
 
 
 def test_complexity_bad_override_is_a_short_error():

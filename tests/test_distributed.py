@@ -10,21 +10,10 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.helpers import (RESUMABLE, child_pids, kill_tree, kill_when_paused, read_metrics, run_dirs,
+                           start_torchrun, torchrun, two_nodes, wait_for)
 
 QUICK = ("data.max_train_samples=128", "data.num_workers=0", "trainer.progress=false", "trainer.epochs=1")
-
-
-def torchrun(nproc: int, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=N train.py *overrides`` on the CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def run_dirs(parent: Path) -> list[Path]:
-    """The run directories (those with a metrics.json) under ``parent``."""
-    return sorted(p.parent for p in parent.rglob("metrics.json"))
 
 
 @pytest.mark.slow
@@ -33,7 +22,7 @@ def test_two_processes_share_rank0s_run_dir_and_evaluate_exactly_like_one(tmp_pa
     train = torchrun(2, *QUICK, f"hydra.run.dir={tmp_path}/train/" + "${now:%H-%M-%S-%f}")
     assert train.returncode == 0, train.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "train")  # one run, written by rank 0 only
-    assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+    assert read_metrics(run)["status"] == "completed"
     assert (run / "checkpoints" / "last.pt").exists() and len(list((run / "tensorboard").iterdir())) == 1
     # 101 val images: divisible by neither the world size nor the batch size
     evaluation = ("trainer.eval_only=true", f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
@@ -43,7 +32,7 @@ def test_two_processes_share_rank0s_run_dir_and_evaluate_exactly_like_one(tmp_pa
     for nproc in (1, 2):
         proc = torchrun(nproc, *evaluation, f"hydra.run.dir={tmp_path}/eval{nproc}")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[nproc] = json.loads((tmp_path / f"eval{nproc}" / "metrics.json").read_text())
+        results[nproc] = read_metrics(tmp_path / f"eval{nproc}")
     assert results[1]["val_images"] == results[2]["val_images"] == 101  # each image once, none padded
     for key in ("top1_err", "top5_err", "val_loss"):
         assert results[2][key] == pytest.approx(results[1][key], rel=1e-6, abs=1e-9), key
@@ -59,7 +48,7 @@ def test_a_sweep_through_submitits_local_launcher(tmp_path):
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     runs = run_dirs(tmp_path)
     assert len(runs) == 2
-    assert all(json.loads((r / "metrics.json").read_text())["status"] == "completed" for r in runs)
+    assert all(read_metrics(r)["status"] == "completed" for r in runs)
     assert (tmp_path / ".submitit").is_dir()  # the jobs went through submitit
 
 
@@ -82,40 +71,6 @@ def test_a_bad_config_fails_in_seconds_before_the_process_group(tmp_path):
     output = proc.stdout + proc.stderr
     assert "resnet20 has no stage 9; valid stages: 1..3" in output and "Traceback" not in proc.stdout
     assert "init_process_group" not in output and time.monotonic() - start < 60
-
-
-RESUMABLE = ("data.max_val_samples=50", "data.num_workers=2", "trainer.epochs=2", "trainer.deterministic=true",
-             "trainer.checkpoint_every_steps=3", "trainer.progress=false")
-
-
-def start_torchrun(nproc: int, run_dir: Path, env: dict[str, str], samples: int = 128, batch: int = 16,
-                   overrides: tuple[str, ...] = (), launch: tuple[str, ...] = ("--standalone",)) -> subprocess.Popen:
-    """A torchrun training in its own process group, so the test can SIGKILL all of it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *RESUMABLE, f"data.max_train_samples={samples}", f"data.batch_size={batch}",
-           f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def kill_when_paused(proc: subprocess.Popen, marker: Path, timeout: float = 180) -> None:
-    """Wait until a rank reached the pause point (it wrote ``marker``), then SIGKILL every process."""
-    import time
-
-    wait_for(marker, proc, timeout)
-    time.sleep(0.5)  # the other rank reaches the same step's pause
-    kill_tree(proc)  # torchrun starts each rank in its own session: the whole tree, ranks and workers
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc)."""
-    found, frontier = [], [pid]
-    while frontier:
-        children = child_pids(frontier.pop())
-        found += children
-        frontier += children
-    return found
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -143,7 +98,7 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path
     # the 2nd mid-epoch checkpoint: after step 6 of the first epoch's 8
     killed = start_torchrun(1, tmp_path / "run", {"ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT": f"2:{marker}"})
     kill_when_paused(killed, marker)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "running"  # killed, not failed
+    assert read_metrics(tmp_path / "run")["status"] == "running"  # killed, not failed
     resumed = start_torchrun(1, tmp_path / "run", {})
     output = resumed.communicate(timeout=300)[0].decode()
     assert resumed.returncode == 0, output[-3000:]
@@ -171,44 +126,6 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(tm
     assert "failed (exitcode: -9) local_rank: 1" in output  # torchrun saw the kill and restarted
     assert "(epoch 1, then 3 steps of epoch 2)" in output  # the restarted ranks resumed mid-epoch
     assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
-
-
-def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Wait until a paused rank wrote ``marker`` (failing if ``proc`` ends first)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (marker.exists() and marker.read_text()):  # created and its pid written
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "never reached the pause point"
-        time.sleep(0.2)
-
-
-def two_nodes(run_dir: Path, env: dict[str, str], node1_env: dict[str, str], **kwargs) -> list[subprocess.Popen]:
-    """Two torchrun agents on this machine, one process each, joined as two nodes (static rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [
-        start_torchrun(1, run_dir, {**env, **(node1_env if node else {})}, launch=(
-            "--nnodes=2", f"--node_rank={node}", "--rdzv-backend=static", "--master_addr=127.0.0.1",
-            f"--master_port={port}"), **kwargs)
-        for node in (0, 1)
-    ]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL ``proc`` and everything below it."""
-    import signal
-
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
 
 
 @pytest.mark.slow
@@ -254,7 +171,7 @@ def test_a_rank_that_dies_or_hangs_on_another_node_stops_the_others_in_bounded_t
     assert nodes[0].returncode != 0 and waited < (15 if fault == "dies" else 40), (waited, output[-3000:])
     # one line from the rank, not Hydra's report of an uncaught exception (torchrun adds its own below)
     assert "rank 0 lost contact with another rank" in output and "Error executing job" not in output, output[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = read_metrics(tmp_path / "run")
     assert metrics["status"] == "failed" and metrics["error"].startswith("RankLostError")
     from engine.checkpoint import load_checkpoint
 
@@ -274,20 +191,7 @@ def test_a_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path
     assert state["epoch"] == 0 and state["partial"]["batches"] == 3
     resumed = start_torchrun(1, tmp_path / "run", {})
     assert resumed.wait(timeout=300) == 0
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "completed"
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
+    assert read_metrics(tmp_path / "run")["status"] == "completed"
 
 
 @pytest.mark.slow
@@ -310,7 +214,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     os.kill(ranks[-1], signal.SIGTERM)  # one rank only: the other must stop at the same step
     output = run.communicate(timeout=120)[0].decode()
     assert run.returncode != 0 and "stopped after step" in output, output[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "interrupted"
+    assert read_metrics(tmp_path / "run")["status"] == "interrupted"
     resumed = start_torchrun(2, tmp_path / "run", {}, samples=1437, overrides=pil)
     assert resumed.wait(timeout=300) == 0
     assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
@@ -334,7 +238,7 @@ def test_sigusr1_to_the_whole_process_group_checkpoints_while_workers_ignore_it(
     output = run.communicate(timeout=120)[0].decode()
     assert run.returncode == 1 and "SIGUSR1: stopped after step" in output, output[-3000:]
     assert "exited unexpectedly" not in output  # the workers ignored it
-    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+    assert read_metrics(tmp_path)["status"] == "interrupted"
 
 
 @pytest.mark.slow
@@ -346,7 +250,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     output = run.communicate(timeout=180)[0].decode()
     assert run.returncode != 0
     assert output.count("non-finite loss at step 5 (epoch 2) on rank 1; every rank stopped") == 2, output[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = read_metrics(tmp_path)
     assert metrics["status"] == "failed" and metrics["error"].startswith("NonFiniteLossError")
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # epoch 1's, not a damaged step-7 one
     assert last["epoch"] == 1 and last["partial"] is None
@@ -361,7 +265,7 @@ def test_skip_mode_skips_a_non_finite_step_on_every_rank(tmp_path):
     assert run.returncode == 0, output[-3000:]
     assert output.count("step 5 (epoch 2): non-finite loss or gradient; update skipped on every rank") == 2
     history = final_weights(tmp_path)
-    assert json.loads((tmp_path / "metrics.json").read_text())["skipped_steps"] == 1
+    assert read_metrics(tmp_path)["skipped_steps"] == 1
     assert all(torch.isfinite(w).all() for w in history["model"].values() if w.is_floating_point())
 
 
@@ -407,7 +311,7 @@ def test_two_ranks_skip_corrupt_images_and_report_each_once(tmp_path):
                     "trainer.epochs=2", "trainer.progress=false", "data.skip_corrupt=true",
                     f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = read_metrics(tmp_path / "run")
     assert metrics["status"] == "completed" and metrics["skipped_images"] == 3
     assert metrics["val_images"] == 16  # the readable val images, each counted once over the two ranks
     listed = (tmp_path / "run" / "skipped_images.txt").read_text()

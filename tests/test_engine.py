@@ -19,6 +19,7 @@ from engine.run import train
 from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
 from models import ConfigError
 from tests.conftest import compose_config, run_cli
+from tests.helpers import read_metrics
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -247,10 +248,6 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu():
 
 
 # --- end to end on digits -----------------------------------------------------------------------
-
-def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
 
 def test_two_epochs_on_digits_write_every_output(quick_config, tmp_path):
     # 16 steps in all: 4 (the QUICK slice) leave the model at chance level

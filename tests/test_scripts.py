@@ -11,6 +11,7 @@ from torch import nn
 from engine.complexity import count_macs, count_params
 from models import build_model
 from tests.conftest import ROOT, compose_config
+from tests.helpers import read_metrics
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -127,7 +128,7 @@ def test_ablation_table_of_a_real_two_point_sweep(tmp_path, launcher):
     runs = [d for d in tmp_path.iterdir() if (d / "metrics.json").exists()]
     assert len(runs) == 2
     for run in runs:
-        metrics = json.loads((run / "metrics.json").read_text())
+        metrics = read_metrics(run)
         reduction = yaml.safe_load((run / "config.yaml").read_text())["attention"]["reduction"]
         assert any(r.startswith(f"| {reduction} | {metrics['top1_err']:.2f} |") for r in rows[1:])
 

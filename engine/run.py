@@ -190,7 +190,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     model, train_model, eval_model = _place_model(model, tcfg, device, world_size)
     run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, criterion, mixup,
               train_model, eval_model, len(train_loader))
-    state = _build_state(cfg, model, precision, world_size, len(train_loader))
+    state = _build_state(cfg, model, precision, world_size, run.steps_per_epoch)
     _resume(run, state)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.main else None
     run.metrics = {"status": "running", "epoch": state.epoch if not tcfg.eval_only else 0,

@@ -71,10 +71,7 @@ def check_stem(kind: str) -> None:
 
 def stem_slot(factory: Factory | None, channels: int, tokens: bool = False) -> nn.Module:
     """The block after the stem (``AttentionPlan.stem()``'s factory) at ``channels``, or an identity."""
-    if factory is None:
-        return nn.Identity()
-    block = factory(channels)
-    return OnTokens(block) if tokens else block
+    return AttentionSlots({"stem": factory} if factory is not None else None, tokens=tokens).at("stem", channels)
 
 
 def build_stages(depths: Sequence[int], in_channels: int, make_unit: Callable[[int, int, int], nn.Module],

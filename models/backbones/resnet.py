@@ -225,6 +225,8 @@ class ResNet(PooledBackbone):
         stages, _, self.num_features = build_stages(depths, widths[0], make_unit)
         for s, stage in enumerate(stages, start=1):  # torchvision's names: layer1 ... layer4
             setattr(self, f"layer{s}", stage)
+        # the same stages as a list, built once and kept out of the module tree (no second state-dict name)
+        object.__setattr__(self, "_stage_list", nn.ModuleList(stages))
         self.build_head(num_classes)
         self._init_weights(zero_init_residual)
 
@@ -256,7 +258,7 @@ class ResNet(PooledBackbone):
     @property
     def stages(self) -> nn.ModuleList:
         """The stages in order (``layer1`` ...); stage s (1-based) is ``stages[s - 1]``."""
-        return nn.ModuleList(getattr(self, f"layer{s}") for s in range(1, self.num_stages + 1))
+        return self._stage_list
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> (B, widths[0], H/r, W/r)."""

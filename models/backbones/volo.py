@@ -269,6 +269,8 @@ class VOLO(Backbone):
         stages, transitions, _ = build_stages(layers, embed_dims[0], make_unit, make_transition)
         # [stage 1, downsample, stage 2, stage 3, stage 4]: timm's indices, so its state dicts load
         self.network = nn.ModuleList([stages[0], transitions[2], *stages[1:]])
+        # the four stages as a list, built once and kept out of the module tree (no second state-dict name)
+        object.__setattr__(self, "_stage_list", nn.ModuleList(stages))
         self.token_map = nn.Identity()  # the last stage's tokens as a feature map, for Grad-CAM
         self.num_features = embed_dims[-1]
         self.post_network = nn.ModuleList([ClassBlock(self.num_features, num_heads[-1], mlp_ratio, qkv_bias)
@@ -293,7 +295,7 @@ class VOLO(Backbone):
     @property
     def stages(self) -> nn.ModuleList:
         """The four stages (the downsample between the first two is ``between_stages``)."""
-        return nn.ModuleList([self.network[0], *self.network[2:]])
+        return self._stage_list
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> stage 1's tokens (B, H/r, W/r, C)."""

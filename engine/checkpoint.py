@@ -94,6 +94,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     ema: Any = None  # timm's ModelEmaV3, or None
     epoch: int = 0  # whole epochs done
+    step: int = 0  # optimizer steps taken; not saved, since a resume derives it from epoch and partial
     partial: dict[str, Any] = field(default_factory=lambda: {"batches": 0})  # progress into the next epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
 

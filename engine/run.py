@@ -26,7 +26,7 @@ from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
 from engine.metrics import process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import LazyWriter, log_hparams
-from engine.trainer import NonFiniteLossError, Precision, build_precision, evaluate, train_one_epoch
+from engine.trainer import NonFiniteLossError, Precision, StepOptions, build_precision, evaluate, train_one_epoch
 from models import Backbone, build_model
 from models.placement import ConfigError
 
@@ -124,8 +124,7 @@ class Run:
     world_size: int
     train_loader: Any
     val_loader: Any
-    criterion: nn.Module
-    mixup: Mixup | None
+    step_options: StepOptions  # loss, mixup, precision, clipping: how each training step runs
     train_model: nn.Module  # what the steps run: the model, compiled and DDP-wrapped as configured
     eval_model: nn.Module  # the same without DDP
     steps_per_epoch: int  # of a whole epoch (a resumed loader's length is what is left of its epoch)
@@ -188,7 +187,9 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
         load_init_weights(model, tcfg.init_from, tcfg.new_head)
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
     model, train_model, eval_model = _place_model(model, tcfg, device, world_size)
-    run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, criterion, mixup,
+    step_options = StepOptions(criterion, precision, mixup, cfg.optim.clip_grad, tcfg.channels_last,
+                               tcfg.log_interval, tcfg.on_nonfinite, progress=tcfg.progress and rank == 0)
+    run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, step_options,
               train_model, eval_model, len(train_loader))
     state = _build_state(cfg, model, precision, world_size, run.steps_per_epoch)
     _resume(run, state)
@@ -274,25 +275,19 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
 
 def _train_epoch(run: Run, state: TrainState, epoch: int, signals: StopSignals) -> dict[str, Any]:
     """One epoch's steps (the rest of it, after a mid-epoch resume); a stop signal ends the run here."""
-    tcfg, steps_per_epoch = run.cfg.trainer, run.steps_per_epoch
+    tcfg = run.cfg.trainer
     resumed = _rank_share(state.partial, run.rank, run.world_size)
     state.partial = {"batches": 0}
-    skip = resumed.pop("batches")
-    set_train_epoch(run.train_loader, epoch, skip)
+    set_train_epoch(run.train_loader, epoch, resumed["batches"])
     _set_epoch(state.model, state.ema, epoch, tcfg.epochs)
     checkpointer = StepCheckpointer(tcfg.checkpoint_every_steps, signals,
                                     functools.partial(_save_partial, run, state, epoch))
-    stats = train_one_epoch(
-        run.train_model, run.criterion, run.train_loader, state.optimizer, run.precision, epoch,
-        start_step=(epoch - 1) * steps_per_epoch, scheduler=state.scheduler, ema=state.ema, mixup=run.mixup,
-        clip_grad=run.cfg.optim.clip_grad, channels_last=tcfg.channels_last,
-        log_interval=tcfg.log_interval, writer=run.writer, progress=tcfg.progress and run.main,
-        skip_batches=skip, checkpointer=checkpointer, on_nonfinite=tcfg.on_nonfinite, resumed=resumed,
-    )
+    state.step = (epoch - 1) * run.steps_per_epoch + resumed["batches"]
+    stats = train_one_epoch(run.train_model, run.train_loader, state, run.step_options, resumed=resumed,
+                            checkpointer=checkpointer, writer=run.writer)
     if stats["stopped"]:
         raise RunInterrupted(
-            f"{signals.received or 'a signal on another rank'}: stopped after step "
-            f"{(epoch - 1) * steps_per_epoch + skip + stats['steps']} (epoch {epoch}) with a "
+            f"{signals.received or 'a signal on another rank'}: stopped after step {state.step} (epoch {epoch}) with a "
             f"checkpoint in {run.checkpoints / 'last.pt'}; run the same command to resume", handoff=signals.handoff()
         )
     return stats

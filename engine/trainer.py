@@ -2,6 +2,7 @@
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.corrupt import batch_skipped, require_images
+from engine.checkpoint import TrainState
 from engine.distributed import agree_at_sync_point, all_reduce_sum, get_world_size
 from engine.hooks import fault_point
 from models.placement import ConfigError
@@ -50,33 +52,41 @@ def build_precision(amp: str, device: torch.device) -> Precision:
     return Precision(device, AMP_DTYPES[amp], scaler)
 
 
+@dataclass
+class StepOptions:
+    """How every training step runs and reports: loss, precision, mixup, clipping, memory format, sync cadence."""
+
+    criterion: nn.Module
+    precision: Precision
+    mixup: Any = None  # timm's Mixup, or None
+    clip_grad: float | None = None
+    channels_last: bool = False
+    log_interval: int = 20  # steps between sync points
+    on_nonfinite: str = "stop"
+    progress: bool = True  # the tqdm bar
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ConfigError(f"trainer.on_nonfinite='{self.on_nonfinite}' is not valid; use one of "
+                              f"{', '.join(NONFINITE_ACTIONS)}")
+
+
 def train_one_epoch(
     model: nn.Module,
-    criterion: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    epoch: int,
-    start_step: int = 0,
-    scheduler=None,
-    ema: nn.Module | None = None,
-    mixup=None,
-    clip_grad: float | None = None,
-    channels_last: bool = False,
-    log_interval: int = 20,
+    state: TrainState,
+    options: StepOptions,
+    *,
+    resumed: dict[str, Any] | None = None,
+    checkpointer=None,  # an engine.interrupt.StepCheckpointer
     writer=None,  # a SummaryWriter (or engine.tensorboard.LazyWriter)
-    progress: bool = True,
-    skip_batches: int = 0,
-    checkpointer=None,
-    on_nonfinite: str = "stop",
-    resumed: dict | None = None,
-) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns the epoch's mean loss, loss totals, steps and images/s.
+) -> dict[str, Any]:
+    """Train epoch ``state.epoch + 1`` on ``loader``; returns its loss totals, steps, images/s, skips.
 
-    ``start_step`` is the number of optimizer steps taken before this epoch (the schedule and the
-    TensorBoard x-axis count steps); ``skip_batches`` how many of this epoch's steps a resumed run
-    already took (the loader starts after them) and ``resumed`` their totals (a mid-epoch checkpoint's
-    ``partial``).
+    ``model`` runs the steps (``state.model``, compiled or DDP-wrapped); ``state.step`` counts the
+    optimizer steps taken (the schedule and the TensorBoard x-axis count steps) and grows by one a step.
+    ``resumed``: a mid-epoch checkpoint's progress into this epoch (``batches`` already taken, which
+    the loader skips, and their loss totals).
 
     The host waits for the device only at sync points: every ``log_interval`` steps, at a periodic
     checkpoint and at the epoch's end. There the losses are read back and the ranks exchange, in one
@@ -88,100 +98,128 @@ def train_one_epoch(
     - ``skip``: every step checks (one host sync and, with several ranks, one scalar all-reduce) that
       all ranks' losses and the gradients are finite, and otherwise every rank skips the update.
 
-    ``checkpointer`` (``engine.interrupt.StepCheckpointer``) writes a mid-epoch checkpoint at its
-    periodic steps, and on a stop signal (at the next sync point; in a single process at once), then
-    stops the epoch there (``stopped`` in the result).
+    ``checkpointer`` writes a mid-epoch checkpoint at its periodic steps, and on a stop signal (at the
+    next sync point; in a single process at once), then stops the epoch there (``stopped``).
     """
-    if on_nonfinite not in NONFINITE_ACTIONS:
-        raise ConfigError(f"trainer.on_nonfinite='{on_nonfinite}' is not valid; use one of "
-                          f"{', '.join(NONFINITE_ACTIONS)}")
     model.train()
-    device, scaler = precision.device, precision.scaler
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    totals = {"loss_sum": 0.0, "loss_steps": 0, "skipped_steps": 0, **(resumed or {})}
-    pending: list[torch.Tensor] = []  # losses not yet read back
-    images, interval_images, steps_run = 0, 0, 0
+    epoch = state.epoch + 1
+    progress = {"batches": 0, "loss_sum": 0.0, "loss_steps": 0, "skipped_steps": 0, **(resumed or {})}
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not options.progress, leave=False, dynamic_ncols=True)
+    tally = LossTally(progress, options.on_nonfinite, bar, writer)
     single_process = get_world_size() == 1
-    start = last_log = time.perf_counter()
-
-    def flush(step: int) -> int | None:
-        """Read the pending losses back, add them up, log them; returns the first non-finite one's step."""
-        nonlocal interval_images, last_log
-        if not pending:
-            return None
-        losses = torch.stack(pending).cpu().double()  # float32 values add up exactly in float64, in any grouping
-        finite = torch.isfinite(losses)
-        bad = (~finite).nonzero()
-        first_bad = step - len(losses) + 1 + int(bad[0]) if len(bad) and on_nonfinite == "stop" else None
-        totals["loss_sum"] += losses[finite].sum().item()
-        totals["loss_steps"] += int(finite.sum())
-        now = time.perf_counter()
-        rate = interval_images * get_world_size() / max(now - last_log, 1e-9)
-        lr = optimizer.param_groups[0]["lr"]
-        mean = losses[finite].mean().item() if finite.any() else float("nan")
-        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-        if writer is not None:
-            writer.add_scalar("train/loss", mean, step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/images_per_s", rate, step)
-        pending.clear()
-        interval_images, last_log = 0, now
-        return first_bad
-
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
     skipped: list[str] = []
-    stopped = False
+    stopped, steps_run, start = False, 0, time.perf_counter()
     for i, batch in enumerate(bar):
         require_images(batch)
-        x, y = batch
         skipped += batch_skipped(batch)
-        step = start_step + skip_batches + i + 1  # 1-based number of this optimizer step
-        x = x.to(device, non_blocking=True, memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        with precision.autocast():
-            loss = criterion(model(x), y)
-        loss = fault_point("loss", loss, step=step)
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        if on_nonfinite == "skip" and not _finite_on_every_rank(loss, model, scaler):
-            optimizer.zero_grad(set_to_none=True)
-            if scaler.is_enabled():
-                scaler.update(scaler.get_scale())  # keep the scale; clear this step's unscale_ record
-            totals["skipped_steps"] += 1
-            log.warning("step %d (epoch %d): non-finite loss or gradient; update skipped on every rank "
-                        "(trainer.on_nonfinite=skip)", step, epoch)
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model.module if hasattr(model, "module") else model, step=step)
-        if scheduler is not None:
-            scheduler.step_update(step)
-        pending.append(loss.detach())
-        images += x.shape[0]
-        interval_images += x.shape[0]
+        state.step += 1
+        loss, images, updated = train_step(model, batch, state, options)
+        tally.add(loss, images)
+        progress["skipped_steps"] += not updated
         steps_run += 1
-        batches_done = skip_batches + i + 1
-        checkpoint_due = checkpointer is not None and checkpointer.due(batches_done)
+        progress["batches"] += 1
+        checkpoint_due = checkpointer is not None and checkpointer.due(progress["batches"])
         signalled = checkpointer is not None and checkpointer.requested
         # the ranks meet at the same steps; a single process needs no meeting to act on a signal
-        if len(pending) == log_interval or i + 1 == len(loader) or checkpoint_due or (single_process and signalled):
-            stop, nonfinite = agree_at_sync_point(signalled, flush(step))
+        if tally.waiting == options.log_interval or i + 1 == len(loader) or checkpoint_due or (
+                single_process and signalled):
+            stop, nonfinite = agree_at_sync_point(signalled, tally.flush(state.step, state.optimizer))
             if nonfinite is not None:
                 _raise_nonfinite(*nonfinite, epoch)
             if checkpoint_due or stop:  # a checkpoint holds only checked losses
-                checkpointer.save({"batches": batches_done, **totals})
+                checkpointer.save(dict(progress))
             if stop:
                 stopped = True
                 break
     elapsed = time.perf_counter() - start
-    return {**totals, "loss": totals["loss_sum"] / max(totals["loss_steps"], 1), "steps": steps_run,
-            "images_per_s": images * get_world_size() / elapsed, "skipped": skipped, "stopped": stopped}
+    return {**progress, "steps": steps_run, "images_per_s": tally.images * get_world_size() / elapsed,
+            "skipped": skipped, "stopped": stopped}
+
+
+def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], state: TrainState,
+               options: StepOptions) -> tuple[torch.Tensor, int, bool]:
+    """Forward, backward and update on one batch as optimizer step ``state.step``; returns the loss,
+    the batch's image count and whether the weights were updated.
+
+    The loss stays on the device (read back at the next sync point). With ``on_nonfinite=skip`` a
+    non-finite loss or gradient on any rank skips the update on every rank.
+    """
+    x, y = batch
+    x = x.to(options.precision.device, non_blocking=True,
+             memory_format=torch.channels_last if options.channels_last else torch.preserve_format)
+    y = y.to(options.precision.device, non_blocking=True)
+    if options.mixup is not None:
+        x, y = options.mixup(x, y)
+    optimizer, scaler = state.optimizer, state.scaler
+    with options.precision.autocast():
+        loss = options.criterion(model(x), y)
+    loss = fault_point("loss", loss, step=state.step)
+    scaler.scale(loss).backward()
+    if options.clip_grad:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad)
+    if options.on_nonfinite == "skip" and not _finite_on_every_rank(loss, model, scaler):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.update(scaler.get_scale())  # keep the scale; clear this step's unscale_ record
+        log.warning("step %d (epoch %d): non-finite loss or gradient; update skipped on every rank "
+                    "(trainer.on_nonfinite=skip)", state.step, state.epoch + 1)
+        updated = False
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update(state.model, step=state.step)
+        updated = True
+    if state.scheduler is not None:
+        state.scheduler.step_update(state.step)
+    return loss.detach(), x.shape[0], updated
+
+
+class LossTally:
+    """The step losses not yet read back, and the epoch's checked loss totals (in ``progress``)."""
+
+    def __init__(self, progress: dict[str, Any], on_nonfinite: str, bar: tqdm, writer=None):
+        self.progress, self.on_nonfinite, self.bar, self.writer = progress, on_nonfinite, bar, writer
+        self.pending: list[torch.Tensor] = []
+        self.images, self.interval_images = 0, 0
+        self.last_read = time.perf_counter()
+
+    @property
+    def waiting(self) -> int:
+        """How many steps' losses wait to be read back."""
+        return len(self.pending)
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        """Keep a step's loss (on the device) and count its images."""
+        self.pending.append(loss)
+        self.images += images
+        self.interval_images += images
+
+    def flush(self, step: int, optimizer: torch.optim.Optimizer) -> int | None:
+        """Read the pending losses (of the steps up to ``step``) back, add them up and log them;
+        returns the step of the first non-finite one when ``on_nonfinite=stop``."""
+        if not self.pending:
+            return None
+        losses = torch.stack(self.pending).cpu().double()  # float32 values add up exactly in float64, in any grouping
+        finite = torch.isfinite(losses)
+        bad = (~finite).nonzero()
+        first_bad = step - len(losses) + 1 + int(bad[0]) if len(bad) and self.on_nonfinite == "stop" else None
+        self.progress["loss_sum"] += losses[finite].sum().item()
+        self.progress["loss_steps"] += int(finite.sum())
+        now = time.perf_counter()
+        rate = self.interval_images * get_world_size() / max(now - self.last_read, 1e-9)
+        lr = optimizer.param_groups[0]["lr"]
+        mean = losses[finite].mean().item() if finite.any() else float("nan")
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", mean, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/images_per_s", rate, step)
+        self.pending.clear()
+        self.interval_images, self.last_read = 0, now
+        return first_bad
 
 
 def _raise_nonfinite(step: int, rank: int, epoch: int) -> None:

@@ -28,9 +28,10 @@ import torch
 from _config import ROOT, compose_from_argv
 from torch import nn
 
+from engine.checkpoint import TrainState
 from engine.optim import build_optimizer, build_scheduler
 from engine.run import select_device
-from engine.trainer import build_precision, train_one_epoch
+from engine.trainer import StepOptions, build_precision, train_one_epoch
 from models import build_model
 
 
@@ -73,15 +74,16 @@ class InMemory:
                          torch.randint(0, cfg.data.num_classes, (batch,), device=device)) for _ in range(steps)]
         self.criterion = nn.CrossEntropyLoss()
         self.engine_opt, self.plain_opt = build_optimizer(self.model, cfg.optim), build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.engine_opt, cfg.sched, cfg.trainer.epochs, steps)
+        scheduler = build_scheduler(self.engine_opt, cfg.sched, cfg.trainer.epochs, steps)
+        self.state = TrainState(self.model, self.engine_opt, scheduler, self.precision.scaler)
+        self.options = StepOptions(self.criterion, self.precision, channels_last=cfg.trainer.channels_last,
+                                   log_interval=cfg.trainer.log_interval, progress=False)
         self.engine(), self.plain()  # warm-up: allocator, kernels, caches
 
     def engine(self) -> float:
         """Seconds of one pass of the engine's loop, as train.py runs it (schedule stepped every step)."""
-        return timed(lambda: train_one_epoch(
-            self.model, self.criterion, self.batches, self.engine_opt, self.precision, epoch=1,
-            scheduler=self.scheduler, log_interval=self.cfg.trainer.log_interval, progress=False,
-            channels_last=self.cfg.trainer.channels_last))
+        self.state.step = 0  # every pass follows the same stretch of the schedule
+        return timed(lambda: train_one_epoch(self.model, self.batches, self.state, self.options))
 
     def plain(self) -> float:
         """Seconds of one pass of the hand-written loop."""

@@ -23,7 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.interrupt import StepCheckpointer, StopSignals  # noqa: E402
-from engine.trainer import build_precision, train_one_epoch  # noqa: E402
+from engine.checkpoint import TrainState  # noqa: E402
+from engine.trainer import StepOptions, build_precision, train_one_epoch  # noqa: E402
 
 
 def one_rank(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
@@ -39,13 +40,14 @@ def one_rank(rank: int, world: int, store: str, args: argparse.Namespace, out: s
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     precision = build_precision("none", torch.device("cpu"))
     criterion = nn.CrossEntropyLoss()
+    options = StepOptions(criterion, precision, log_interval=args.log_interval, progress=False)
     engine, bare = [], []
     with StopSignals() as signals:
         for epoch in range(args.rounds + 1):  # the first is a warm-up
             checkpointer = StepCheckpointer(None, signals, lambda progress: None)
             start = time.perf_counter()
-            train_one_epoch(model, criterion, batches, optimizer, precision, epoch + 1,
-                            log_interval=args.log_interval, progress=False, checkpointer=checkpointer)
+            state = TrainState(model, optimizer, None, precision.scaler, epoch=epoch)
+            train_one_epoch(model, batches, state, options, checkpointer=checkpointer)
             getattr(checkpointer, "close", lambda: None)()  # engines before the sync points had one
             engine.append(time.perf_counter() - start)
             start = time.perf_counter()

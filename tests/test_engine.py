@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import engine.run
-from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from engine.complexity import count_macs
 from engine.optim import build_optimizer, build_scheduler
 from engine.run import train
-from engine.trainer import NonFiniteLossError, build_precision, evaluate, train_one_epoch
+from engine.trainer import NonFiniteLossError, StepOptions, build_precision, evaluate, train_one_epoch
 from models import ConfigError
 from tests.conftest import compose_config, run_cli
 from tests.helpers import read_metrics
@@ -205,9 +205,11 @@ def test_non_finite_loss_is_reported_with_its_step():
     model = NaNAfter(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), after=6)
     loader = DataLoader(TensorDataset(torch.randn(40, 3, 2, 2), torch.randint(0, 3, (40,))), batch_size=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precision = build_precision("none", torch.device("cpu"))
+    state = TrainState(model, opt, None, precision.scaler, epoch=1, step=10)
     with pytest.raises(NonFiniteLossError, match="at step 17 \\(epoch 2\\)"):
-        train_one_epoch(model, nn.CrossEntropyLoss(), loader, opt, build_precision("none", torch.device("cpu")),
-                        epoch=2, start_step=10, log_interval=4, progress=False)
+        train_one_epoch(model, loader, state, StepOptions(nn.CrossEntropyLoss(), precision, log_interval=4,
+                                                          progress=False))
 
 
 def test_skip_mode_drops_exactly_the_non_finite_update(monkeypatch):
@@ -223,8 +225,8 @@ def test_skip_mode_drops_exactly_the_non_finite_update(monkeypatch):
             monkeypatch.setenv("ATTNLAB_TEST_NONFINITE_LOSS", poison)
         else:
             monkeypatch.delenv("ATTNLAB_TEST_NONFINITE_LOSS", raising=False)
-        stats = train_one_epoch(model, nn.CrossEntropyLoss(), loader, opt, precision, epoch=1,
-                                log_interval=2, progress=False, on_nonfinite="skip")
+        options = StepOptions(nn.CrossEntropyLoss(), precision, log_interval=2, on_nonfinite="skip", progress=False)
+        stats = train_one_epoch(model, loader, TrainState(model, opt, None, precision.scaler), options)
         return model[1].weight.detach(), stats
 
     weights, stats = trained(DataLoader(data, batch_size=4), poison="0:3")
@@ -233,7 +235,7 @@ def test_skip_mode_drops_exactly_the_non_finite_update(monkeypatch):
     assert stats["skipped_steps"] == 1 and stats["steps"] == 6 and stats["loss_steps"] == 5
     torch.testing.assert_close(weights, expected, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="trainer.on_nonfinite='ignore' is not valid; use one of stop, skip"):
-        train_one_epoch(nn.Linear(1, 1), None, [], None, precision, epoch=1, on_nonfinite="ignore")
+        StepOptions(nn.CrossEntropyLoss(), precision, on_nonfinite="ignore")
 
 
 def test_bf16_autocast_and_channels_last_train_on_the_cpu():
@@ -241,10 +243,12 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu():
                           nn.Flatten(), nn.Linear(4, 3)).to(memory_format=torch.channels_last)
     loader = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))), batch_size=8)
     before = model[0].weight.detach().clone()
-    stats = train_one_epoch(model, nn.CrossEntropyLoss(), loader, torch.optim.SGD(model.parameters(), lr=0.1),
-                            build_precision("bf16", torch.device("cpu")), epoch=1, channels_last=True,
-                            clip_grad=1.0, progress=False)
-    assert torch.isfinite(torch.tensor(stats["loss"])) and not torch.equal(before, model[0].weight)
+    precision = build_precision("bf16", torch.device("cpu"))
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), None, precision.scaler)
+    options = StepOptions(nn.CrossEntropyLoss(), precision, channels_last=True, clip_grad=1.0, progress=False)
+    stats = train_one_epoch(model, loader, state, options)
+    assert stats["loss_steps"] == 2 and math.isfinite(stats["loss_sum"]) and state.step == 2
+    assert not torch.equal(before, model[0].weight)
 
 
 # --- end to end on digits -----------------------------------------------------------------------
@@ -287,11 +291,11 @@ def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(qu
 
     real_epoch, calls = engine.run.train_one_epoch, []
 
-    def crash_in_epoch_3(*args, **kwargs):
-        calls.append(kwargs["start_step"])
+    def crash_in_epoch_3(model, loader, state, *args, **kwargs):
+        calls.append(state.step)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the process dies after epoch 2's checkpoint
-        return real_epoch(*args, **kwargs)
+        return real_epoch(model, loader, state, *args, **kwargs)
 
     monkeypatch.setattr(engine.run, "train_one_epoch", crash_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):

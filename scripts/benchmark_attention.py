@@ -145,7 +145,7 @@ def volo_stage1(batch: int, repeats: int, device: torch.device, rounds: int = 6)
     print(f"median time ratio ours/timm over {rounds} rounds: {statistics.median(ratios):.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Measure every block at each size and print one markdown table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, default=256)
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--blocks", nargs="+", default=list(ATTENTION_BLOCKS))
     parser.add_argument("--volo-stage1", action="store_true", help="VOLO-D1 stage 1, ours against timm's")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.volo_stage1:
         volo_stage1(args.batch, args.repeats, device)

@@ -7,6 +7,8 @@ torchrun's workers inherit it):
   ``ATTNLAB_TEST_PAUSE_RANK=R`` pauses rank R only; workers restarted by torchrun never pause.
 - ``ATTNLAB_TEST_NONFINITE_LOSS=RANK:STEP[,STEP...]``: that rank's loss is NaN at those (1-based,
   global) steps.
+- ``ATTNLAB_TEST_STEP_SECONDS=S``: every training step takes S seconds longer, so that a signal sent
+  after a checkpoint lands well inside the epoch on a small data set; the results are unchanged.
 """
 import os
 import time
@@ -22,8 +24,11 @@ def handle(name: str, value: Any, **context: Any) -> Any:
     """The engine's value at point ``name``, after the fault its variable asks for."""
     if name in PAUSES:
         pause(PAUSES[name])
-    elif name == "loss" and context["step"] in nonfinite_steps():
-        return value * float("nan")
+    elif name == "loss":
+        if os.environ.get("ATTNLAB_TEST_STEP_SECONDS"):
+            time.sleep(float(os.environ["ATTNLAB_TEST_STEP_SECONDS"]))
+        if context["step"] in nonfinite_steps():
+            return value * float("nan")
     return value
 
 

@@ -1,11 +1,119 @@
-"""What the tests share: launching runs (train.py, torchrun, two nodes), waiting for and killing them, reading results."""
+"""What the tests share: the configs, data sets on disk, launching runs (train.py, the scripts, torchrun, two
+nodes), waiting for and killing them, reading their results."""
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch.overrides import TorchFunctionMode
+
+from engine.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+register_configs()
+
+# Small and quiet: a class-balanced slice of digits (4 steps an epoch at its batch of 64), no progress bars.
+QUICK = ("data.max_train_samples=256", "data.max_val_samples=100", "trainer.progress=false")
+
+
+def compose_config(*overrides: str, config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """The config train.py would see for these command-line overrides."""
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def steps_per_epoch(cfg: DictConfig, ranks: int = 1) -> int:
+    """Optimizer steps in one epoch of ``cfg``'s training slice (a sharded sampler pads to whole shards)."""
+    per_rank = -(-cfg.data.max_train_samples // ranks)
+    return -(-per_rank // cfg.data.batch_size)
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips in-place tensor methods (``normal_``, ``clamp_``, ``fill_`` ...) on meta tensors: they hold no
+    values, yet torch runs each through its Python reference implementation, most of a meta build's time."""
+
+    SHAPE_CHANGING = {"resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "t_", "transpose_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.startswith("_") and name not in self.SHAPE_CHANGING and args
+                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Build modules on the meta device, shapes only, without running their initialisation."""
+    with torch.device("meta"), _NoInitOnMeta():
+        yield
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run train.py as a user would; returns the finished process with its output."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+        env=env, timeout=300,
+    )
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python scripts/NAME *args`` in this process: its ``main(argv)``, with stdout and stderr captured,
+    a ``sys.exit(message)`` turned into exit status 1 and the message on stderr, as the interpreter does."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # where the scripts find their _config and _inputs
+    spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", ROOT / "scripts" / name)
+    script = importlib.util.module_from_spec(spec)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        spec.loader.exec_module(script)
+        try:
+            status = script.main(list(args))
+        except SystemExit as e:
+            status = e.code
+            if isinstance(status, str):
+                print(status, file=sys.stderr)
+                status = 1
+    return subprocess.CompletedProcess([name, *args], status or 0, out.getvalue(), err.getvalue())
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 40) -> Path:
+    """A tiny ImageFolder data set with random RGB PNGs in train/ and val/."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def corrupt_folder(root: Path) -> list[Path]:
+    """A two-class folder set (8 PNGs a class and split) with a truncated JPEG, an empty file and a text
+    file among the images; returns the three."""
+    from PIL import Image
+
+    make_image_folder(root, per_class=8, size=32)
+    jpeg = root / "train" / "cat" / "truncated.jpg"
+    Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    empty = root / "val" / "dog" / "empty.png"
+    empty.write_bytes(b"")
+    text = root / "val" / "cat" / "notes.png"
+    text.write_text("not an image")
+    return [jpeg, empty, text]
 
 
 def read_metrics(run_dir: Path) -> dict:
@@ -26,8 +134,15 @@ def run_dirs(parent: Path) -> list[Path]:
     return sorted(p.parent for p in parent.rglob("metrics.json"))
 
 
+CHECKPOINT_EVERY = 3  # steps between the mid-epoch checkpoints of a start_torchrun run
 RESUMABLE = ("data.max_val_samples=50", "data.num_workers=2", "trainer.epochs=2", "trainer.deterministic=true",
-             "trainer.checkpoint_every_steps=3", "trainer.progress=false")
+             f"trainer.checkpoint_every_steps={CHECKPOINT_EVERY}", "trainer.progress=false")
+
+
+def torchrun_steps_per_epoch(nproc: int, samples: int = 128, batch: int = 16) -> int:
+    """Each rank's steps in one epoch of a start_torchrun run with these arguments."""
+    cfg = compose_config(*RESUMABLE, f"data.max_train_samples={samples}", f"data.batch_size={batch}")
+    return steps_per_epoch(cfg, nproc)
 
 
 def start_torchrun(nproc: int, run_dir: Path, env: dict[str, str], samples: int = 128, batch: int = 16,

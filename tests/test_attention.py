@@ -15,6 +15,7 @@ from models.attention.base import MAP_POSITIONS, SPATIAL_POSITIONS, AttentionBlo
 from models.attention.eca import eca_kernel_size
 from models.attention.maps import attention_maps, blocks_with_maps, has_maps
 from models.attention.outlook import OutlookAttention
+from tests.helpers import meta_device
 
 
 def test_se_bias_option():
@@ -339,7 +340,7 @@ def test_outlook_plug_in_is_residual():
 
 def resnet50_params(attention: dict) -> int:
     """Parameters of the ImageNet ResNet-50 with ``attention``, built on the meta device: only shapes count."""
-    with torch.device("meta"):  # no memory and no init: a quarter of the time of a real build
+    with meta_device():  # no memory and no init: a quarter of the time of a real build
         return count_params(build_model({"name": "resnet50", "stem": "imagenet"}, attention))
 
 

@@ -9,13 +9,14 @@ from engine.complexity import count_macs, count_params
 from models import ConfigError, build_model
 from models.attention import SqueezeExcite
 from models.backbones.resnet import BasicBlock, Bottleneck
+from tests.helpers import meta_device
 
 IMAGENET = {"stem": "imagenet"}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
 def test_imagenet_resnet_has_torchvision_parameter_count(name):
-    with torch.device("meta"):  # shapes only: no initialisation of ResNet-152's 60M weights
+    with meta_device():  # shapes only: no initialisation of ResNet-152's 60M weights
         ours = build_model({"name": name, **IMAGENET}, {"name": "none"})
         theirs = getattr(torchvision.models, name)()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
@@ -205,7 +206,7 @@ from models.attention import CoordAttention  # noqa: E402
 
 @pytest.mark.parametrize("width", [1.4, 1.0, 0.75, 0.5, 0.35])
 def test_mobilenetv2_has_torchvisions_parameter_count_at_every_width(width):
-    with torch.device("meta"):
+    with meta_device():
         ours = build_model({"name": "mobilenetv2", "width_mult": width}, {"name": "none"})
         theirs = torchvision.models.mobilenet_v2(width_mult=width)
     assert count_params(ours) == count_params(theirs)
@@ -330,7 +331,7 @@ def test_volo_d1_state_dict_loads_into_timm_and_back_with_equal_logits():
 
 @pytest.mark.parametrize("variant", ["volo_d1", "volo_d2", "volo_d3", "volo_d4", "volo_d5"])
 def test_volo_variants_have_timms_parameters_and_names(variant):
-    with torch.device("meta"):
+    with meta_device():
         ours = build_model({"name": variant}, {"name": "none"})
         theirs = timm.create_model(f"{variant}_224")
     assert count_params(ours) == count_params(theirs)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from engine.complexity import count_params
 from models import ConfigError, build_model
 from models.attention import SqueezeExcite
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.helpers import CONFIG_DIR, compose_config, meta_device
 
 GROUPS = ["model", "attention", "data", "optim", "sched", "trainer"]
 
@@ -41,7 +41,7 @@ def test_every_option_composes(group, option):
 @pytest.mark.parametrize("attention", options("attention"))
 def test_every_model_builds_with_every_attention(model, attention):
     cfg = compose_config(f"model={model}", f"attention={attention}")
-    with torch.device("meta"):  # shapes and validation only: VOLO-D5 has 295M parameters
+    with meta_device():  # shapes and validation only: VOLO-D5 has 295M parameters
         net = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
     assert net.get_classifier().out_features == cfg.data.num_classes
 
@@ -103,6 +103,6 @@ def test_every_experiment_starts_with_its_command_and_builds(experiment):
     assert lines[0] == "# @package _global_"  # Hydra reads the package only from the first lines
     assert "train.py" in lines[1] and f"experiment={experiment}" in lines[1]
     cfg = compose_config(f"experiment={experiment}", "data.root=/data")
-    with torch.device("meta"):
+    with meta_device():
         net = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
     assert count_params(net) > 0 and cfg.trainer.epochs >= 90  # a full paper schedule, not a smoke test

@@ -13,7 +13,7 @@ from models.attention.base import AttentionBlock, Maps, query_index
 from models.backbones import BACKBONES, SMALL_OPTIONS, PooledBackbone
 from models.layers import AttentionSlots, build_stages, restore_block_inits, stem_slot
 from models.placement import POSITIONS, AttentionPlan
-from tests.conftest import CONFIG_DIR
+from tests.helpers import CONFIG_DIR
 from tests.fingerprints import RECORD, cases, fingerprint
 
 # --- every existing model is what it was before the refactor --------------------------------------

@@ -11,18 +11,7 @@ from sklearn.datasets import load_digits
 from data import DataError, build_datasets, train_transform
 from data.digits import DigitsDataset
 from data.samplers import ShardSampler, balanced_indices
-from tests.conftest import compose_config
-
-
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3, size: int = 40) -> Path:
-    """A tiny ImageFolder data set with random RGB PNGs in train/ and val/."""
-    for split in ("train", "val"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    return root
+from tests.helpers import compose_config, make_image_folder
 
 
 def folder_config(root: Path, *overrides: str):

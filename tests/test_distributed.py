@@ -6,20 +6,21 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
-from tests.conftest import ROOT
-from tests.helpers import (RESUMABLE, child_pids, kill_tree, kill_when_paused, read_metrics, run_dirs,
-                           start_torchrun, torchrun, two_nodes, wait_for)
+import engine.run
+from engine.checkpoint import load_checkpoint
+from tests.helpers import (CHECKPOINT_EVERY, QUICK, RESUMABLE, ROOT, child_pids, compose_config, corrupt_folder,
+                           kill_tree, kill_when_paused, read_metrics, run_cli, run_dirs, start_torchrun, torchrun,
+                           torchrun_steps_per_epoch, two_nodes, wait_for)
 
-QUICK = ("data.max_train_samples=128", "data.num_workers=0", "trainer.progress=false", "trainer.epochs=1")
+ONE_EPOCH = (*QUICK, "data.max_train_samples=128", "trainer.epochs=1")
 
 
 @pytest.mark.slow
 def test_two_processes_share_rank0s_run_dir_and_evaluate_exactly_like_one(tmp_path):
     # microseconds in the directory name: each rank's Hydra would pick a different one
-    train = torchrun(2, *QUICK, f"hydra.run.dir={tmp_path}/train/" + "${now:%H-%M-%S-%f}")
+    train = torchrun(2, *ONE_EPOCH, f"hydra.run.dir={tmp_path}/train/" + "${now:%H-%M-%S-%f}")
     assert train.returncode == 0, train.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "train")  # one run, written by rank 0 only
     assert read_metrics(run)["status"] == "completed"
@@ -28,11 +29,10 @@ def test_two_processes_share_rank0s_run_dir_and_evaluate_exactly_like_one(tmp_pa
     evaluation = ("trainer.eval_only=true", f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
                   "data.max_val_samples=101", "data.eval_batch_size=16", "data.num_workers=0",
                   "trainer.progress=false")
-    results = {}
-    for nproc in (1, 2):
-        proc = torchrun(nproc, *evaluation, f"hydra.run.dir={tmp_path}/eval{nproc}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[nproc] = read_metrics(tmp_path / f"eval{nproc}")
+    proc = torchrun(2, *evaluation, f"hydra.run.dir={tmp_path}/eval2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = engine.run.train(compose_config(*evaluation), tmp_path / "eval1")  # one process: this one
+    results = {1: one, 2: read_metrics(tmp_path / "eval2")}
     assert results[1]["val_images"] == results[2]["val_images"] == 101  # each image once, none padded
     for key in ("top1_err", "top5_err", "val_loss"):
         assert results[2][key] == pytest.approx(results[1][key], rel=1e-6, abs=1e-9), key
@@ -41,10 +41,8 @@ def test_two_processes_share_rank0s_run_dir_and_evaluate_exactly_like_one(tmp_pa
 @pytest.mark.slow
 def test_a_sweep_through_submitits_local_launcher(tmp_path):
     """The SLURM path (hydra/launcher=slurm) with submitit's local executor: one job per sweep point."""
-    from tests.conftest import run_cli
-
     sweep = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "attention.reduction=4,8",
-                    f"hydra.sweep.dir={tmp_path}", *QUICK, "data.max_val_samples=30")
+                    f"hydra.sweep.dir={tmp_path}", *ONE_EPOCH, "data.max_val_samples=30")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     runs = run_dirs(tmp_path)
     assert len(runs) == 2
@@ -53,8 +51,6 @@ def test_a_sweep_through_submitits_local_launcher(tmp_path):
 
 
 def test_slurm_launcher_config_asks_one_process_per_gpu():
-    from tests.conftest import run_cli
-
     proc = run_cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
     assert proc.returncode == 0, proc.stderr
     launcher = proc.stdout[proc.stdout.index("  launcher:"):]
@@ -74,16 +70,14 @@ def test_a_bad_config_fails_in_seconds_before_the_process_group(tmp_path):
 
 
 def final_weights(run_dir: Path) -> dict:
-    import torch
-
+    """A finished run's weights and its per-epoch losses and errors, from its last checkpoint."""
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     return {"model": state["model"], "losses": [h["train_loss"] for h in state["history"]],
             "errors": [h["top1_err"] for h in state["history"]]}
 
 
 def assert_same_run(a: dict, b: dict) -> None:
-    import torch
-
+    """Two runs' records and weights are bit-identical."""
     assert a["losses"] == b["losses"] and a["errors"] == b["errors"]
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
@@ -91,18 +85,25 @@ def assert_same_run(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+def test_sigkill_inside_a_checkpoint_write_keeps_the_last_one_and_the_resume_reproduces_the_run(tmp_path):
+    """SIGKILL while the second mid-epoch checkpoint is half written (temp file, no rename): the first
+    stays loadable, and resuming from it, mid-epoch, ends bit-identical to the uninterrupted run."""
     reference = start_torchrun(1, tmp_path / "reference", {})
     assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()[-3000:]
     marker = tmp_path / "paused"
-    # the 2nd mid-epoch checkpoint: after step 6 of the first epoch's 8
-    killed = start_torchrun(1, tmp_path / "run", {"ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT": f"2:{marker}"})
+    assert torchrun_steps_per_epoch(1) > 2 * CHECKPOINT_EVERY  # both writes are mid-epoch-1 checkpoints
+    killed = start_torchrun(1, tmp_path / "run", {"ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE": f"2:{marker}"})
     kill_when_paused(killed, marker)
     assert read_metrics(tmp_path / "run")["status"] == "running"  # killed, not failed
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / ".last.pt.tmp").exists()
+    state = load_checkpoint(checkpoints / "last.pt")  # the first one, complete
+    assert state["epoch"] == 0 and state["partial"]["batches"] == CHECKPOINT_EVERY
     resumed = start_torchrun(1, tmp_path / "run", {})
     output = resumed.communicate(timeout=300)[0].decode()
     assert resumed.returncode == 0, output[-3000:]
-    assert "steps of epoch" in output  # it resumed mid-epoch
+    assert f"then {CHECKPOINT_EVERY} steps of epoch 1" in output  # it resumed mid-epoch
+    assert read_metrics(tmp_path / "run")["status"] == "completed"
     assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
 
 
@@ -114,7 +115,8 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(tm
     reference = start_torchrun(2, tmp_path / "reference", {})
     assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()[-3000:]
     marker = tmp_path / "paused"
-    # 4 steps an epoch: rank 1 pauses after the 2nd mid-epoch checkpoint, step 3 of epoch 2
+    # rank 1 pauses after the 2nd mid-epoch checkpoint, which falls inside epoch 2
+    assert CHECKPOINT_EVERY < torchrun_steps_per_epoch(2) < 2 * CHECKPOINT_EVERY
     faults = {"ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT": f"2:{marker}", "ATTNLAB_TEST_PAUSE_RANK": "1",
               # torch 2.14 keeps one rendezvous store across restarts, with the first attempt's addresses
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -124,7 +126,7 @@ def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(tm
     output = run.communicate(timeout=300)[0].decode()
     assert run.returncode == 0, output[-3000:]
     assert "failed (exitcode: -9) local_rank: 1" in output  # torchrun saw the kill and restarted
-    assert "(epoch 1, then 3 steps of epoch 2)" in output  # the restarted ranks resumed mid-epoch
+    assert f"(epoch 1, then {CHECKPOINT_EVERY} steps of epoch 2)" in output  # the restarted ranks resumed mid-epoch
     assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
 
 
@@ -158,7 +160,7 @@ def test_a_rank_that_dies_or_hangs_on_another_node_stops_the_others_in_bounded_t
     nodes = two_nodes(tmp_path / "run", {"ATTNLAB_TEST_PAUSE_AFTER_STEP_CHECKPOINT": f"1:{marker}",
                                          "ATTNLAB_TEST_PAUSE_RANK": "1"}, {}, overrides=("trainer.dist_timeout_s=10",))
     try:
-        wait_for(marker, nodes[0])  # rank 1 stops after step 3; rank 0 waits for it in step 4's all-reduce
+        wait_for(marker, nodes[0])  # rank 1 stops after the first checkpoint; rank 0 waits in the next step
         start = time.monotonic()
         if fault == "dies":
             os.kill(int(marker.read_text()), signal.SIGKILL)
@@ -173,25 +175,7 @@ def test_a_rank_that_dies_or_hangs_on_another_node_stops_the_others_in_bounded_t
     assert "rank 0 lost contact with another rank" in output and "Error executing job" not in output, output[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert metrics["status"] == "failed" and metrics["error"].startswith("RankLostError")
-    from engine.checkpoint import load_checkpoint
-
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"]["batches"] == 3
-
-
-@pytest.mark.slow
-def test_a_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
-    from engine.checkpoint import load_checkpoint
-
-    marker = tmp_path / "paused"
-    killed = start_torchrun(1, tmp_path / "run", {"ATTNLAB_TEST_PAUSE_IN_CHECKPOINT_WRITE": f"2:{marker}"})
-    kill_when_paused(killed, marker)  # the second write (after step 6) is half done: temp file, no rename
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert (checkpoints / ".last.pt.tmp").exists()
-    state = load_checkpoint(checkpoints / "last.pt")  # the first one, complete
-    assert state["epoch"] == 0 and state["partial"]["batches"] == 3
-    resumed = start_torchrun(1, tmp_path / "run", {})
-    assert resumed.wait(timeout=300) == 0
-    assert read_metrics(tmp_path / "run")["status"] == "completed"
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"]["batches"] == CHECKPOINT_EVERY
 
 
 @pytest.mark.slow
@@ -199,12 +183,13 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     import signal
     import time
 
-    # 45 steps a rank an epoch: the signal lands well inside the first epoch. The PIL path with loader
-    # workers (the other resume tests use digits' default, the tensor-resident path)
+    # each step slowed to 0.3 s in the interrupted run: the signal, sent once the first mid-epoch
+    # checkpoint exists, lands well inside the first epoch (8 steps a rank). The PIL path with loader workers (the
+    # other resume tests use digits' default, the tensor-resident path)
     pil = ("data.in_memory=false",)
-    reference = start_torchrun(2, tmp_path / "reference", {}, samples=1437, overrides=pil)
+    reference = start_torchrun(2, tmp_path / "reference", {}, samples=256, overrides=pil)
     assert reference.wait(timeout=300) == 0
-    run = start_torchrun(2, tmp_path / "run", {}, samples=1437, overrides=pil)
+    run = start_torchrun(2, tmp_path / "run", {"ATTNLAB_TEST_STEP_SECONDS": "0.3"}, samples=256, overrides=pil)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():  # the step-3 checkpoint
         assert run.poll() is None and time.monotonic() < deadline
@@ -214,8 +199,10 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     os.kill(ranks[-1], signal.SIGTERM)  # one rank only: the other must stop at the same step
     output = run.communicate(timeout=120)[0].decode()
     assert run.returncode != 0 and "stopped after step" in output, output[-3000:]
+    stopped_at = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"]["batches"]
+    assert 0 < stopped_at < torchrun_steps_per_epoch(2, samples=256)
     assert read_metrics(tmp_path / "run")["status"] == "interrupted"
-    resumed = start_torchrun(2, tmp_path / "run", {}, samples=1437, overrides=pil)
+    resumed = start_torchrun(2, tmp_path / "run", {}, samples=256, overrides=pil)
     assert resumed.wait(timeout=300) == 0
     assert_same_run(final_weights(tmp_path / "reference"), final_weights(tmp_path / "run"))
 
@@ -243,27 +230,29 @@ def test_sigusr1_to_the_whole_process_group_checkpoints_while_workers_ignore_it(
 
 @pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    from engine.checkpoint import load_checkpoint
-
-    # rank 1's loss is NaN at step 5 (epoch 2's first); the next check is the step-7 checkpoint
-    run = start_torchrun(2, tmp_path, {"ATTNLAB_TEST_NONFINITE_LOSS": "1:5"})
+    # rank 1's loss is NaN at epoch 2's first step; the next check is epoch 2's first mid-epoch checkpoint
+    bad_step = torchrun_steps_per_epoch(2) + 1
+    run = start_torchrun(2, tmp_path, {"ATTNLAB_TEST_NONFINITE_LOSS": f"1:{bad_step}"})
     output = run.communicate(timeout=180)[0].decode()
     assert run.returncode != 0
-    assert output.count("non-finite loss at step 5 (epoch 2) on rank 1; every rank stopped") == 2, output[-3000:]
+    assert output.count(f"non-finite loss at step {bad_step} (epoch 2) on rank 1; every rank stopped") == 2, \
+        output[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics["status"] == "failed" and metrics["error"].startswith("NonFiniteLossError")
-    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # epoch 1's, not a damaged step-7 one
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")  # epoch 1's, not a damaged mid-epoch-2 one
     assert last["epoch"] == 1 and last["partial"] is None
     assert all(torch.isfinite(w).all() for w in last["model"].values() if w.is_floating_point())
 
 
 @pytest.mark.slow
 def test_skip_mode_skips_a_non_finite_step_on_every_rank(tmp_path):
-    run = start_torchrun(2, tmp_path, {"ATTNLAB_TEST_NONFINITE_LOSS": "1:5"}, overrides=("trainer.on_nonfinite=skip",))
+    bad_step = torchrun_steps_per_epoch(2) + 1  # epoch 2's first
+    run = start_torchrun(2, tmp_path, {"ATTNLAB_TEST_NONFINITE_LOSS": f"1:{bad_step}"},
+                         overrides=("trainer.on_nonfinite=skip",))
     output = run.communicate(timeout=180)[0].decode()
     # had the ranks acted differently their weights would differ, which the end of each epoch checks
     assert run.returncode == 0, output[-3000:]
-    assert output.count("step 5 (epoch 2): non-finite loss or gradient; update skipped on every rank") == 2
+    assert output.count(f"step {bad_step} (epoch 2): non-finite loss or gradient; update skipped on every rank") == 2
     history = final_weights(tmp_path)
     assert read_metrics(tmp_path)["skipped_steps"] == 1
     assert all(torch.isfinite(w).all() for w in history["model"].values() if w.is_floating_point())
@@ -303,8 +292,6 @@ def test_replicas_that_drift_apart_are_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_skip_corrupt_images_and_report_each_once(tmp_path):
-    from tests.test_engine import corrupt_folder
-
     bad = corrupt_folder(tmp_path / "data")  # spread over both ranks' shards
     proc = torchrun(2, "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.num_classes=2",
                     "data.image_size=32", "data.stem=cifar", "data.num_workers=2", "data.batch_size=4",

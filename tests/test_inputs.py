@@ -14,7 +14,7 @@ from data import DataError, build_datasets, build_loaders, set_train_epoch
 from data.in_memory import ResidentLoader
 from data.randomness import crop_flip_params, library_rngs, resized_crop_boxes, sample_seed, uniforms
 from models.placement import ConfigError
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 
 def cifar_like_folder(root, sizes=((32, 32),), per_class: int = 6):

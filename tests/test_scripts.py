@@ -1,7 +1,5 @@
 """The scripts as a user runs them: complexity's per-part table and JSON line, the benchmarks, the ablation table."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,13 +8,7 @@ from torch import nn
 
 from engine.complexity import count_macs, count_params
 from models import build_model
-from tests.conftest import ROOT, compose_config
-from tests.helpers import read_metrics
-
-
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True,
-                          text=True, timeout=300)
+from tests.helpers import compose_config, meta_device, read_metrics, run_cli, run_script
 
 
 def test_complexity_prints_the_built_models_counts_as_json():
@@ -46,7 +38,7 @@ def test_complexity_parts_add_up_to_the_total(overrides, names):
     assert parts[-1]["params"] == result["params"] and parts[-1]["macs"] == result["macs"]
     # the rest, counted on its own: the parameters in no part (parts that overlapped would show here)
     cfg = compose_config(*overrides)
-    with torch.device("meta"):
+    with meta_device():
         model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
     in_parts = {id(p) for part in model.parts().values() for p in part.parameters()}
     assert parts[-2]["params"] == sum(p.numel() for p in model.parameters() if id(p) not in in_parts)
@@ -114,8 +106,6 @@ def test_ablation_table_aggregates_seeds_and_lists_failed_runs_apart(tmp_path):
 @pytest.mark.parametrize("launcher", [(), ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")],
                          ids=["basic", "joblib"])
 def test_ablation_table_of_a_real_two_point_sweep(tmp_path, launcher):
-    from tests.conftest import run_cli
-
     sweep = run_cli("-m", *launcher, "attention.reduction=4,8", f"hydra.sweep.dir={tmp_path}", "trainer.epochs=1",
                     "data.max_train_samples=64", "data.max_val_samples=30", "trainer.progress=false")
     assert sweep.returncode == 0, sweep.stderr
@@ -175,7 +165,6 @@ def test_excitation_analysis_means_per_class_match_the_gates(tmp_path):
     import torch
 
     from data import build_datasets
-    from tests.conftest import compose_config
 
     proc = run_script("excitation_analysis.py", "attention=se", "blocks=[[1,1],[3,3]]", "max_images=60",
                       f"out={tmp_path}")

@@ -9,7 +9,7 @@ from tests.helpers import QUICK, SHARED_CIFAR10, compose_config
 os.environ["ATTNLAB_TEST_HOOKS"] = "tests.faults"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one worker per core; more torch threads per worker would only contend.
+    # `make test` runs several workers (three on two cores); more torch threads per worker would only contend.
     import torch
 
     torch.set_num_threads(1)

@@ -77,7 +77,7 @@ class InMemory:
         scheduler = build_scheduler(self.engine_opt, cfg.sched, cfg.trainer.epochs, steps)
         self.state = TrainState(self.model, self.engine_opt, scheduler, self.precision.scaler)
         self.options = StepOptions(self.criterion, self.precision, channels_last=cfg.trainer.channels_last,
-                                   log_interval=cfg.trainer.log_interval, progress=False)
+                                   log_interval=cfg.trainer.log_interval, progress_bar=False)
         self.engine(), self.plain()  # warm-up: allocator, kernels, caches
 
     def engine(self) -> float:

@@ -40,7 +40,7 @@ def one_rank(rank: int, world: int, store: str, args: argparse.Namespace, out: s
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     precision = build_precision("none", torch.device("cpu"))
     criterion = nn.CrossEntropyLoss()
-    options = StepOptions(criterion, precision, log_interval=args.log_interval, progress=False)
+    options = StepOptions(criterion, precision, log_interval=args.log_interval, progress_bar=False)
     engine, bare = [], []
     with StopSignals() as signals:
         for epoch in range(args.rounds + 1):  # the first is a warm-up

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
     end on one worker; skip tests marked ``gpu`` where no CUDA device is visible."""
     import torch
 
-    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the files' order within each group
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the files' order within each group
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

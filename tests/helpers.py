@@ -38,15 +38,19 @@ def steps_per_epoch(cfg: DictConfig, ranks: int = 1) -> int:
 
 
 class _NoInitOnMeta(TorchFunctionMode):
-    """Skips in-place tensor methods (``normal_``, ``clamp_``, ``fill_`` ...) on meta tensors: they hold no
-    values, yet torch runs each through its Python reference implementation, most of a meta build's time."""
+    """Skips the in-place initialisation ops (``normal_``, ``uniform_``, ``fill_``, scalar ``mul_`` ...) on meta
+    tensors: they hold no values, yet torch runs each through its Python reference implementation, most of
+    a meta build's time. Every other op (``copy_`` included) still runs, and still checks shapes."""
 
-    SHAPE_CHANGING = {"resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "t_", "transpose_"}
+    INIT_OPS = {"normal_", "uniform_", "zero_", "fill_", "erfinv_", "clamp_", "clamp_min_", "clamp_max_",
+                "exponential_", "log_normal_", "cauchy_", "geometric_", "random_", "bernoulli_"}
+    SCALAR_OPS = {"mul_", "add_", "sub_", "div_"}  # with a number: a scale or shift of the initial values
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if (name.endswith("_") and not name.startswith("_") and name not in self.SHAPE_CHANGING and args
-                and isinstance(args[0], torch.Tensor) and args[0].is_meta):
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_meta and (
+                name in self.INIT_OPS or (name in self.SCALAR_OPS and all(
+                    isinstance(a, (int, float)) for a in (*args[1:], *(kwargs or {}).values())))):
             return args[0]
         return func(*args, **(kwargs or {}))
 
@@ -67,9 +71,13 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-    """``python scripts/NAME *args`` in this process: its ``main(argv)``, with stdout and stderr captured,
-    a ``sys.exit(message)`` turned into exit status 1 and the message on stderr, as the interpreter does."""
+def run_script(name: str, *args: str, in_process: bool = True) -> subprocess.CompletedProcess:
+    """``python scripts/NAME *args``: by default in this process (its ``main(argv)``, with stdout and stderr
+    captured, a ``sys.exit(message)`` turned into exit status 1 and the message on stderr, as the interpreter
+    does); with ``in_process=False`` as a real process, as a user runs it."""
+    if not in_process:
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True,
+                              text=True, timeout=300)
     if str(ROOT / "scripts") not in sys.path:
         sys.path.insert(0, str(ROOT / "scripts"))  # where the scripts find their _config and _inputs
     spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", ROOT / "scripts" / name)

@@ -5,6 +5,7 @@ from tests.helpers import make_image_folder, read_metrics, run_cli
 
 
 def assert_short_error(proc, *fragments: str) -> None:
+    """The process failed with a message holding every fragment, and printed no traceback."""
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "Traceback" not in output, output

@@ -14,6 +14,7 @@ from tests.helpers import (CHECKPOINT_EVERY, QUICK, RESUMABLE, ROOT, child_pids,
                            kill_tree, kill_when_paused, read_metrics, run_cli, run_dirs, start_torchrun, torchrun,
                            torchrun_steps_per_epoch, two_nodes, wait_for)
 
+# One short epoch of the QUICK digits slice: the tests that need a finished run, not a resumable one.
 ONE_EPOCH = (*QUICK, "data.max_train_samples=128", "trainer.epochs=1")
 
 
@@ -28,7 +29,7 @@ def test_two_processes_share_rank0s_run_dir_and_evaluate_exactly_like_one(tmp_pa
     # 101 val images: divisible by neither the world size nor the batch size
     evaluation = ("trainer.eval_only=true", f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
                   "data.max_val_samples=101", "data.eval_batch_size=16", "data.num_workers=0",
-                  "trainer.progress=false")
+                  "trainer.progress=false", "trainer.device=cpu")  # the in-process run too, on a GPU host
     proc = torchrun(2, *evaluation, f"hydra.run.dir={tmp_path}/eval2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = engine.run.train(compose_config(*evaluation), tmp_path / "eval1")  # one process: this one
@@ -183,13 +184,13 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     import signal
     import time
 
-    # each step slowed to 0.3 s in the interrupted run: the signal, sent once the first mid-epoch
+    # each step slowed to 1 s in the interrupted run: the signal, sent once the first mid-epoch
     # checkpoint exists, lands well inside the first epoch (8 steps a rank). The PIL path with loader workers (the
     # other resume tests use digits' default, the tensor-resident path)
     pil = ("data.in_memory=false",)
     reference = start_torchrun(2, tmp_path / "reference", {}, samples=256, overrides=pil)
     assert reference.wait(timeout=300) == 0
-    run = start_torchrun(2, tmp_path / "run", {"ATTNLAB_TEST_STEP_SECONDS": "0.3"}, samples=256, overrides=pil)
+    run = start_torchrun(2, tmp_path / "run", {"ATTNLAB_TEST_STEP_SECONDS": "1.0"}, samples=256, overrides=pil)
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():  # the step-3 checkpoint
         assert run.poll() is None and time.monotonic() < deadline
@@ -201,6 +202,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint_and_resumes_ex
     assert run.returncode != 0 and "stopped after step" in output, output[-3000:]
     stopped_at = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["partial"]["batches"]
     assert 0 < stopped_at < torchrun_steps_per_epoch(2, samples=256)
+    assert f"stopped after step {stopped_at} (epoch 1)" in output
     assert read_metrics(tmp_path / "run")["status"] == "interrupted"
     resumed = start_torchrun(2, tmp_path / "run", {}, samples=256, overrides=pil)
     assert resumed.wait(timeout=300) == 0

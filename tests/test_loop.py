@@ -120,7 +120,7 @@ def test_non_finite_loss_is_reported_with_its_step():
     state = TrainState(model, opt, None, precision.scaler, epoch=1, step=10)
     with pytest.raises(NonFiniteLossError, match="at step 17 \\(epoch 2\\)"):
         train_one_epoch(model, loader, state, StepOptions(nn.CrossEntropyLoss(), precision, log_interval=4,
-                                                          progress=False))
+                                                          progress_bar=False))
 
 
 def test_skip_mode_drops_exactly_the_non_finite_update(monkeypatch):
@@ -136,7 +136,8 @@ def test_skip_mode_drops_exactly_the_non_finite_update(monkeypatch):
             monkeypatch.setenv("ATTNLAB_TEST_NONFINITE_LOSS", poison)
         else:
             monkeypatch.delenv("ATTNLAB_TEST_NONFINITE_LOSS", raising=False)
-        options = StepOptions(nn.CrossEntropyLoss(), precision, log_interval=2, on_nonfinite="skip", progress=False)
+        options = StepOptions(nn.CrossEntropyLoss(), precision, log_interval=2, on_nonfinite="skip",
+                              progress_bar=False)
         stats = train_one_epoch(model, loader, TrainState(model, opt, None, precision.scaler), options)
         return model[1].weight.detach(), stats
 
@@ -156,10 +157,29 @@ def test_bf16_autocast_and_channels_last_train_on_the_cpu():
     before = model[0].weight.detach().clone()
     precision = build_precision("bf16", torch.device("cpu"))
     state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), None, precision.scaler)
-    options = StepOptions(nn.CrossEntropyLoss(), precision, channels_last=True, clip_grad=1.0, progress=False)
+    options = StepOptions(nn.CrossEntropyLoss(), precision, channels_last=True, clip_grad=1.0, progress_bar=False)
     stats = train_one_epoch(model, loader, state, options)
     assert stats["loss_steps"] == 2 and math.isfinite(stats["loss_sum"]) and state.step == 2
     assert not torch.equal(before, model[0].weight)
+
+
+def test_ema_follows_the_trained_module_through_a_wrapper():
+    """With decay 0 the EMA copy equals the weights after every update, also when the steps run through a
+    wrapper (DDP, torch.compile) while the EMA reads ``state.model``."""
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3))
+    wrapper = nn.Sequential(model)  # what the steps run: another module holding the same parameters
+    loader = DataLoader(TensorDataset(torch.randn(12, 3, 4, 4), torch.randint(0, 3, (12,))), batch_size=4)
+    precision = build_precision("none", torch.device("cpu"))
+    ema = ModelEmaV3(model, decay=0.0)
+    state = TrainState(model, torch.optim.SGD(model.parameters(), lr=0.5), None, precision.scaler, ema)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    train_one_epoch(wrapper, loader, state, StepOptions(nn.CrossEntropyLoss(), precision, progress_bar=False))
+    after, trained = ema.module.state_dict(), model.state_dict()
+    assert not torch.equal(after["3.weight"], before["3.weight"])
+    assert all(torch.equal(after[k], trained[k]) for k in trained)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(quick_config, tmp_path, monkeypatch):

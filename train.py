@@ -1,5 +1,6 @@
 """Train and evaluate an attention-augmented classifier: `python train.py [overrides]`."""
 import logging
+import os
 import sys
 
 import hydra
@@ -7,17 +8,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from data import DataError
-from engine.checkpoint import CheckpointError
-from engine.config import register_configs
-from engine.distributed import RankLostError
-from engine.interrupt import RunInterrupted
-from engine.run import train
-from engine.trainer import NonFiniteLossError
-from models import ConfigError
+from engine.config import check_config, register_configs
+from engine.metrics import mark_failed
+from errors import USER_ERRORS, ConfigError
 
-# Bad input the user can fix: reported in one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RankLostError)
 log = logging.getLogger("attnlab")
 
 register_configs()
@@ -31,11 +25,20 @@ def short_message(error: Exception) -> str:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Compose the config, train, evaluate and say where the outputs are."""
+    """Check the composed config, train, evaluate and say where the outputs are."""
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     try:
-        metrics = train(cfg, run_dir)
+        check_config(cfg)  # before torch is imported: a bad value costs a second, not a start-up
+    except ConfigError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            mark_failed(run_dir, e)  # a sweep lists this job as failed
+        return stop(e, hydra_cfg.mode)
+    from engine.interrupt import RunInterrupted
+    from engine.run import train
+
+    try:
+        metrics = train(cfg, run_dir)  # marks the run failed itself on any error
     except RunInterrupted as e:
         log.warning("%s", e)
         if e.handoff is not None:  # e.g. submitit's handler, which requeues this SLURM job
@@ -43,13 +46,17 @@ def main(cfg: DictConfig) -> None:
             handler(signum, None)
         sys.exit(1)  # non-zero: torchrun --max-restarts and SLURM requeue treat the run as unfinished
     except USER_ERRORS as e:
-        log.error("error: %s", short_message(e))
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return  # the sweep goes on; this run's metrics.json says "failed"
-        sys.exit(1)
+        return stop(e, hydra_cfg.mode)
     log.info("top-1 error %.2f%% (best %.2f%%) after %d epochs", metrics["top1_err"],
              metrics["best_top1_err"], metrics["epoch"])
     log.info("outputs: %s | TensorBoard: tensorboard --logdir %s/tensorboard", run_dir, run_dir)
+
+
+def stop(error: Exception, mode: RunMode) -> None:
+    """Report a user error in one line; exit non-zero, except in a sweep, which goes on to its next job."""
+    log.error("error: %s", short_message(error))
+    if mode != RunMode.MULTIRUN:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

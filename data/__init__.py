@@ -5,11 +5,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.corrupt import SkipCorrupt, collate_skipping
 from data.digits import DigitsDataset
-from data.errors import DataError
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
 from data.in_memory import NotResident, in_memory_setting, recipe_blocker, resident_loaders
 from data.multilabel import MultiLabelCSV
@@ -17,15 +17,14 @@ from data.samplers import EpochOrder, ShardSampler, balanced_indices
 from data.seeded import KeyedSamples
 from data.transforms import (cifar_crop_flip, cifar_transform, digits_crop_flip, digits_transform,
                              imagenet_transform)
-from engine.config import DataConfig
-from models.placement import ConfigError
+from errors import ConfigError, DataError
 
 log = logging.getLogger("attnlab")
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder", "multilabel_csv")
 
 
-def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
+def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
     """The train or val split named by ``cfg.name``, before any subsetting.
 
     Val images come transformed (the eval transform is deterministic); train images come as decoded,
@@ -53,24 +52,24 @@ def build_dataset(cfg: DataConfig, train: bool) -> Dataset:
     return image_folder(root, split, transform)
 
 
-def _recipe(cfg: DataConfig):
+def _recipe(cfg: DictConfig):
     """The transform factory of ``cfg.name``'s recipe."""
     if cfg.name == "digits":
         return digits_transform
     return cifar_transform if cfg.name in ("cifar10", "cifar100") else imagenet_transform
 
 
-def eval_transform(cfg: DataConfig):
+def eval_transform(cfg: DictConfig):
     """The deterministic eval transform of the data set's recipe."""
     return _recipe(cfg)(cfg, train=False)
 
 
-def train_transform(cfg: DataConfig):
+def train_transform(cfg: DictConfig):
     """The recipe's training transform, called as ``transform(image, seed, epoch, index)``."""
     return _recipe(cfg)(cfg, train=True)
 
 
-def _check_classes(cfg: DataConfig, train_set: Dataset, val_set: Dataset) -> None:
+def _check_classes(cfg: DictConfig, train_set: Dataset, val_set: Dataset) -> None:
     """The class lists of both splits agree with each other and with ``num_classes``."""
     train_classes, val_classes = train_set.classes, val_set.classes
     if list(train_classes) != list(val_classes):
@@ -85,7 +84,7 @@ def _check_classes(cfg: DataConfig, train_set: Dataset, val_set: Dataset) -> Non
         )
 
 
-def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DictConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Train and val sets, checked against ``num_classes`` and cut to class-balanced subsets if asked."""
     train_set, val_set = build_dataset(cfg, True), build_dataset(cfg, False)
     _check_classes(cfg, train_set, val_set)
@@ -98,7 +97,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     return train_set, val_set
 
 
-def check_in_memory(cfg: DataConfig) -> str | None:
+def check_in_memory(cfg: DictConfig) -> str | None:
     """Refuse ``data.in_memory=true`` with a recipe the tensor path cannot run (before anything is built);
     returns why the PIL path is needed, or None when the tensor path may be tried."""
     setting, blocker = in_memory_setting(cfg.in_memory), recipe_blocker(cfg)
@@ -108,7 +107,7 @@ def check_in_memory(cfg: DataConfig) -> str | None:
 
 
 def build_loaders(
-    cfg: DataConfig, train_set: Dataset, val_set: Dataset, rank: int = 0, world_size: int = 1,
+    cfg: DictConfig, train_set: Dataset, val_set: Dataset, rank: int = 0, world_size: int = 1,
     drop_last: bool = False, seed: int = 0, device: torch.device | str = "cpu",
 ) -> tuple[Iterable, Iterable]:
     """Loaders over the two splits; ``data.batch_size`` is per process.
@@ -137,7 +136,7 @@ def build_loaders(
     return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed)
 
 
-def _pil_loaders(cfg: DataConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder, val_order: ShardSampler,
+def _pil_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder, val_order: ShardSampler,
                  drop_last: bool, seed: int) -> tuple[DataLoader, DataLoader]:
     """The PIL path: per-image loading and augmentation in ``data.num_workers`` loader processes."""
     common = {"num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available(),

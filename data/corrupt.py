@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset, default_collate
 
-from data.errors import DataError
+from errors import DataError
 
 
 @dataclass(frozen=True)

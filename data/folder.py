@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 from torchvision import datasets
 
-from data.errors import DataError
+from errors import DataError
 
 
 def load_rgb(path: str) -> Image.Image:

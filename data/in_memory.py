@@ -19,7 +19,7 @@ from torchvision import datasets
 from data.digits import DigitsDataset
 from data.folder import load_rgb
 from data.transforms import CropFlip
-from models.placement import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger("attnlab")
 

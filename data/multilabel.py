@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from data.errors import DataError
+from errors import DataError
 from data.folder import load_rgb
 
 

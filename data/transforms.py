@@ -10,20 +10,20 @@ from contextlib import nullcontext
 
 import torch
 import torchvision.transforms.functional as TF
+from omegaconf import DictConfig
 from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from data.errors import DataError
 from data.randomness import RRC_DRAWS, crop_flip_params, library_rngs, resized_crop_boxes, sample_seed, uniforms
-from engine.config import DataConfig
+from errors import DataError
 
 CIFAR_PADDING, DIGITS_PADDING = 4, 2  # He et al. 2016's pad-4 crop; digits shift by at most 2 pixels
 
 
-def _normalize(cfg: DataConfig) -> T.Normalize:
+def _normalize(cfg: DictConfig) -> T.Normalize:
     """Normalize from plain floats: built from OmegaConf lists, every call would probe them (10x slower)."""
     return T.Normalize(tuple(float(m) for m in cfg.mean), tuple(float(s) for s in cfg.std))
 
@@ -96,12 +96,12 @@ class TrainTransform:
         return image
 
 
-def cifar_crop_flip(cfg: DataConfig) -> CropFlip:
+def cifar_crop_flip(cfg: DictConfig) -> CropFlip:
     """He et al. 2016's pad-4 random crop and horizontal flip."""
     return CropFlip(cfg.image_size, CIFAR_PADDING, flip=True)
 
 
-def cifar_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
+def cifar_transform(cfg: DictConfig, train: bool) -> TrainTransform | T.Compose:
     """Pad-4 random crop and flip for training (He et al. 2016), plus optional timm augmentation."""
     post = [T.ToTensor(), _normalize(cfg)]
     if not train:
@@ -117,12 +117,12 @@ def cifar_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
     return TrainTransform(cifar_crop_flip(cfg), library, post, after)
 
 
-def digits_crop_flip(cfg: DataConfig) -> CropFlip:
+def digits_crop_flip(cfg: DictConfig) -> CropFlip:
     """A random shift of at most two pixels; no flip (digits are not symmetric)."""
     return CropFlip(cfg.image_size, DIGITS_PADDING, flip=False)
 
 
-def digits_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
+def digits_transform(cfg: DictConfig, train: bool) -> TrainTransform | T.Compose:
     """Digits are tensors already: a small random shift for training, then normalisation."""
     if not train:
         return T.Compose([_normalize(cfg)])
@@ -153,7 +153,7 @@ class ResizedCropFlip:
         return TF.hflip(image) if flip else image
 
 
-def imagenet_transform(cfg: DataConfig, train: bool) -> TrainTransform | T.Compose:
+def imagenet_transform(cfg: DictConfig, train: bool) -> TrainTransform | T.Compose:
     """RandomResizedCrop + flip for training, then timm's colour jitter or RandAugment, tensor, normalise,
     random erasing; resize to size/crop_pct + center crop for eval (timm's recipe)."""
     parts = create_transform(

@@ -11,10 +11,7 @@ import torch
 from torch import nn
 
 from engine.hooks import fault_point
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not exist or cannot be loaded; the message names the path."""
+from errors import CheckpointError
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -94,7 +91,8 @@ class TrainState:
     scaler: torch.amp.GradScaler
     ema: Any = None  # timm's ModelEmaV3, or None
     epoch: int = 0  # whole epochs done
-    step: int = 0  # optimizer steps taken; not saved, since a resume derives it from epoch and partial
+    step: int = 0  # training steps taken (updates skipped by on_nonfinite=skip count too); not saved: a
+    # resume derives it from epoch and partial (``engine.run._train_epoch``)
     partial: dict[str, Any] = field(default_factory=lambda: {"batches": 0})  # progress into the next epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
 

@@ -1,13 +1,31 @@
-"""Structured-config schema: Hydra checks every YAML file and override against these dataclasses.
+"""Structured-config schema: Hydra checks every YAML file and override against these dataclasses (keys
+and types); ``check_config`` checks the values against ``RULES`` (ranges and allowed names).
 
-``model`` and ``attention`` vary in shape by backbone and block, so they are checked against the
-constructors' signatures by ``models.build_model`` instead, still before anything is built.
+``model`` and ``attention`` vary in shape by backbone and block: their common numeric keys are checked
+here, their names, positions and stages by ``models.build_model`` against the constructors, still
+before anything is built. Imports nothing heavy: train.py checks a config before torch is loaded.
 """
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from errors import ConfigError
+
+# The allowed values of the enumerated keys (tests/test_configs.py checks that the code accepts exactly these).
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder", "multilabel_csv")
+STEMS = ("cifar", "imagenet")
+NORMS = ("batch", "group")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+IN_MEMORY_CHOICES = ("auto", "true", "false")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("none", "bf16", "fp16")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 @dataclass
@@ -110,3 +128,143 @@ class Config:
 def register_configs() -> None:
     """Register the schema so ``configs/train.yaml`` can list it first in its defaults."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key accepts: a test of its value and the words that say what is allowed."""
+
+    accepts: Callable[[Any], bool]
+    allowed: str
+
+
+def _number(value: Any) -> bool:
+    """A real number (not a bool), finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    """An integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+POSITIVE_INT = Rule(lambda v: _integer(v) and v >= 1, "an integer >= 1")
+NON_NEGATIVE_INT = Rule(lambda v: _integer(v) and v >= 0, "an integer >= 0")
+POSITIVE = Rule(lambda v: _number(v) and v > 0, "a number > 0")
+NON_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number >= 0")
+PROBABILITY = Rule(lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+BELOW_ONE = Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+
+
+def one_of(names: tuple[str, ...]) -> Rule:
+    """One of ``names`` (compared as text: Hydra reads a bare true/false as a boolean)."""
+    return Rule(lambda v: str(v).lower() in names, f"one of {', '.join(names)}")
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule`` or null."""
+    return Rule(lambda v: v is None or rule.accepts(v), f"{rule.allowed}, or null")
+
+
+def list_of(rule: Rule, length: int | None = None) -> Rule:
+    """A list of values that each pass ``rule`` (of ``length`` items, when given)."""
+    size = f"{length} " if length else ""
+    return Rule(lambda v: isinstance(v, (list, tuple)) and (length is None or len(v) == length)
+                and all(rule.accepts(x) for x in v), f"a list of {size}values, each {rule.allowed}")
+
+
+RULES: dict[str, Rule] = {
+    "seed": NON_NEGATIVE_INT,
+    "data.name": one_of(DATASETS),
+    "data.num_classes": POSITIVE_INT,
+    "data.image_size": POSITIVE_INT,
+    "data.stem": one_of(STEMS),
+    "data.mean": list_of(Rule(_number, "a number"), 3),
+    "data.std": list_of(POSITIVE, 3),
+    "data.crop_pct": Rule(lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "data.interpolation": one_of(INTERPOLATIONS),
+    "data.batch_size": POSITIVE_INT,
+    "data.eval_batch_size": optional(POSITIVE_INT),
+    "data.num_workers": NON_NEGATIVE_INT,
+    "data.in_memory": one_of(IN_MEMORY_CHOICES),
+    "data.max_train_samples": optional(POSITIVE_INT),
+    "data.max_val_samples": optional(POSITIVE_INT),
+    "data.reprob": PROBABILITY,
+    "data.mixup": NON_NEGATIVE,
+    "data.cutmix": NON_NEGATIVE,
+    "data.label_smoothing": BELOW_ONE,
+    "optim.name": one_of(OPTIMIZERS),
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.momentum": BELOW_ONE,
+    "optim.betas": list_of(BELOW_ONE, 2),
+    "optim.clip_grad": optional(POSITIVE),
+    "optim.lr_reference_batch": optional(POSITIVE_INT),
+    "sched.name": one_of(SCHEDULES),
+    "sched.warmup_epochs": NON_NEGATIVE_INT,
+    "sched.warmup_lr": NON_NEGATIVE,
+    "sched.min_lr": NON_NEGATIVE,
+    "sched.decay_epochs": list_of(POSITIVE_INT),
+    "sched.decay_rate": POSITIVE,
+    "trainer.epochs": POSITIVE_INT,
+    "trainer.device": one_of(DEVICES),
+    "trainer.amp": one_of(AMP_MODES),
+    "trainer.ema_decay": BELOW_ONE,
+    "trainer.log_interval": POSITIVE_INT,
+    "trainer.attention_maps": NON_NEGATIVE_INT,
+    "trainer.checkpoint_every_steps": optional(POSITIVE_INT),
+    "trainer.dist_timeout_s": POSITIVE,
+    "trainer.on_nonfinite": one_of(NONFINITE_ACTIONS),
+}
+
+# Keys of some backbones and blocks, checked wherever a model config or an attention spec has them.
+MODEL_RULES: dict[str, Rule] = {
+    "stem": one_of(STEMS), "norm": one_of(NORMS), "norm_groups": POSITIVE_INT, "width_mult": POSITIVE,
+    "img_size": POSITIVE_INT, "drop_rate": PROBABILITY, "drop_path_rate": PROBABILITY,
+}
+ATTENTION_RULES: dict[str, Rule] = {
+    **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width", "max_depth",
+                                     "min_size", "max_size", "hidden", "divisor", "stride")},
+    "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE, "scale": POSITIVE,
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value is not allowed, the value and what is allowed."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    checks = [(key, _lookup(values, key), rule) for key, rule in RULES.items()]
+    checks += _group_checks("model", values.get("model") or {}, MODEL_RULES)
+    specs = [("attention", values.get("attention") or {})]
+    specs += [(f"attention_extra[{i}]", spec) for i, spec in enumerate(values.get("attention_extra") or [])]
+    for path, spec in specs:
+        checks += _group_checks(path, spec, ATTENTION_RULES)
+    for key, value, rule in checks:
+        if value is not _ABSENT and not rule.accepts(value):
+            raise ConfigError(f"{key}={_show(value)} is not allowed: use {rule.allowed}")
+
+
+_ABSENT = object()
+
+
+def _lookup(values: dict, dotted: str) -> Any:
+    """The value at a dotted key, or _ABSENT."""
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _group_checks(path: str, group: Any, rules: dict[str, Rule]) -> list[tuple[str, Any, Rule]]:
+    """The checks of one model config or attention spec: its keys that have a rule."""
+    if not isinstance(group, dict):
+        return []
+    return [(f"{path}.{key}", value, rules[key]) for key, value in group.items() if key in rules]
+
+
+def _show(value: Any) -> str:
+    """A value as the user would type it on the command line."""
+    if isinstance(value, (ListConfig, list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return "null" if value is None else str(value)

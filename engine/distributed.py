@@ -5,9 +5,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
-class RankLostError(RuntimeError):
-    """A collective failed: another rank died, or hung for longer than the process group's timeout."""
+from errors import RankLostError
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600) -> tuple[int, int]:

@@ -24,3 +24,12 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def mark_failed(run_dir: str | Path, error: BaseException, status: str = "failed") -> None:
+    """Set ``status`` and the error's first line in the run's metrics.json, keeping what it held."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics.update(status=status, error=f"{type(error).__name__}: {error}".strip().splitlines()[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, metrics)

@@ -6,7 +6,7 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from engine.config import OptimConfig, SchedConfig
-from models.placement import ConfigError
+from errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = {"cosine": "cosine", "step": "multistep", "none": None}

@@ -1,6 +1,5 @@
 """``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
 import functools
-import json
 import logging
 import os
 import random
@@ -20,15 +19,16 @@ from torch.nn.parallel import DistributedDataParallel
 from data import build_datasets, build_loaders, check_in_memory, set_train_epoch
 from engine.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from engine.complexity import count_macs, count_params
+from engine.config import check_config
 from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
                                 broadcast_object, check_replicas_agree, cleanup, init_distributed)
 from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
-from engine.metrics import process_age_s, write_json
+from engine.metrics import mark_failed, process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, Precision, StepOptions, build_precision, evaluate, train_one_epoch
 from models import Backbone, build_model
-from models.placement import ConfigError
+from errors import ConfigError
 
 log = logging.getLogger("attnlab")
 
@@ -84,11 +84,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     run_dir = Path(run_dir)
     try:
+        check_config(cfg)
         return _train(cfg, run_dir)
     except BaseException as e:
         lost = as_rank_lost(e, cfg.trainer.dist_timeout_s)  # a collective failed: name it plainly
         if int(os.environ.get("RANK", 0)) == 0:
-            _mark_failed(run_dir, lost or e, "interrupted" if isinstance(e, RunInterrupted) else "failed")
+            mark_failed(run_dir, lost or e, "interrupted" if isinstance(e, RunInterrupted) else "failed")
         if isinstance(e, AGREED_STOPS):
             # every rank raised this at the same step: leave together, or torchrun would stop rank 0
             # (SIGTERM) as soon as another rank exits, perhaps before its status was written
@@ -102,15 +103,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 # Errors every rank raises after the same step, having agreed on them through a collective.
 AGREED_STOPS = (RunInterrupted, NonFiniteLossError, ReplicasDivergedError)
-
-
-def _mark_failed(run_dir: Path, error: BaseException, status: str = "failed") -> None:
-    """Set ``status`` and the error's first line in metrics.json, keeping what it held."""
-    path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
-    metrics.update(status=status, error=f"{type(error).__name__}: {error}".strip().splitlines()[0])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, metrics)
 
 
 @dataclass
@@ -188,7 +180,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
     model, train_model, eval_model = _place_model(model, tcfg, device, world_size)
     step_options = StepOptions(criterion, precision, mixup, cfg.optim.clip_grad, tcfg.channels_last,
-                               tcfg.log_interval, tcfg.on_nonfinite, progress=tcfg.progress and rank == 0)
+                               tcfg.log_interval, tcfg.on_nonfinite, progress_bar=tcfg.progress and rank == 0)
     run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, step_options,
               train_model, eval_model, len(train_loader))
     state = _build_state(cfg, model, precision, world_size, run.steps_per_epoch)

@@ -15,15 +15,11 @@ from data.corrupt import batch_skipped, require_images
 from engine.checkpoint import TrainState
 from engine.distributed import agree_at_sync_point, all_reduce_sum, get_world_size
 from engine.hooks import fault_point
-from models.placement import ConfigError
+from errors import ConfigError, NonFiniteLossError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NONFINITE_ACTIONS = ("stop", "skip")
 log = logging.getLogger("attnlab")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A rank's loss became NaN or infinite; every rank stops before the next checkpoint is written."""
 
 
 @dataclass
@@ -63,7 +59,7 @@ class StepOptions:
     channels_last: bool = False
     log_interval: int = 20  # steps between sync points
     on_nonfinite: str = "stop"
-    progress: bool = True  # the tqdm bar
+    progress_bar: bool = True  # tqdm's, on the console
 
     def __post_init__(self) -> None:
         if self.on_nonfinite not in NONFINITE_ACTIONS:
@@ -83,7 +79,8 @@ def train_one_epoch(
 ) -> dict[str, Any]:
     """Train epoch ``state.epoch + 1`` on ``loader``; returns its loss totals, steps, images/s, skips.
 
-    ``model`` runs the steps (``state.model``, compiled or DDP-wrapped); ``state.step`` counts the
+    ``model`` runs the steps: ``state.model``, perhaps compiled or DDP-wrapped (the EMA and the
+    checkpoints use ``state.model`` itself); ``state.step`` counts the
     optimizer steps taken (the schedule and the TensorBoard x-axis count steps) and grows by one a step.
     ``resumed``: a mid-epoch checkpoint's progress into this epoch (``batches`` already taken, which
     the loader skips, and their loss totals).
@@ -104,7 +101,7 @@ def train_one_epoch(
     model.train()
     epoch = state.epoch + 1
     progress = {"batches": 0, "loss_sum": 0.0, "loss_steps": 0, "skipped_steps": 0, **(resumed or {})}
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not options.progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not options.progress_bar, leave=False, dynamic_ncols=True)
     tally = LossTally(progress, options.on_nonfinite, bar, writer)
     single_process = get_world_size() == 1
     skipped: list[str] = []
@@ -115,7 +112,7 @@ def train_one_epoch(
         state.step += 1
         loss, images, updated = train_step(model, batch, state, options)
         tally.add(loss, images)
-        progress["skipped_steps"] += not updated
+        progress["skipped_steps"] += int(not updated)
         steps_run += 1
         progress["batches"] += 1
         checkpoint_due = checkpointer is not None and checkpointer.due(progress["batches"])
@@ -123,7 +120,7 @@ def train_one_epoch(
         # the ranks meet at the same steps; a single process needs no meeting to act on a signal
         if tally.waiting == options.log_interval or i + 1 == len(loader) or checkpoint_due or (
                 single_process and signalled):
-            stop, nonfinite = agree_at_sync_point(signalled, tally.flush(state.step, state.optimizer))
+            stop, nonfinite = agree_at_sync_point(signalled, tally.flush(state.step, state.optimizer.param_groups[0]["lr"]))
             if nonfinite is not None:
                 _raise_nonfinite(*nonfinite, epoch)
             if checkpoint_due or stop:  # a checkpoint holds only checked losses
@@ -197,7 +194,7 @@ class LossTally:
         self.images += images
         self.interval_images += images
 
-    def flush(self, step: int, optimizer: torch.optim.Optimizer) -> int | None:
+    def flush(self, step: int, lr: float) -> int | None:
         """Read the pending losses (of the steps up to ``step``) back, add them up and log them;
         returns the step of the first non-finite one when ``on_nonfinite=stop``."""
         if not self.pending:
@@ -210,7 +207,6 @@ class LossTally:
         self.progress["loss_steps"] += int(finite.sum())
         now = time.perf_counter()
         rate = self.interval_images * get_world_size() / max(now - self.last_read, 1e-9)
-        lr = optimizer.param_groups[0]["lr"]
         mean = losses[finite].mean().item() if finite.any() else float("nan")
         self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
         if self.writer is not None:

@@ -3,9 +3,9 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
+from errors import ConfigError, config_message
 from models.backbones import BACKBONES, Backbone
-from models.placement import ConfigError, parse_attention_specs
+from models.placement import parse_attention_specs
 
 # Arguments build_model fills in itself rather than taking from the model config.
 _BUILT_ARGS = ("name", "num_classes", "attention")
@@ -25,6 +25,9 @@ def build_model(
 ) -> Backbone:
     """Build a backbone with its attention blocks from plain config mappings.
 
+    A backbone's or block's ValueError about one of its arguments is raised as a ConfigError naming
+    the config key (``model.stem=...``, ``attention_extra[0].reduction=...``).
+
     Args:
         model: ``name`` (a key of ``BACKBONES``) and the backbone's own options.
         attention: the main attention spec (``name: none`` for a plain backbone).
@@ -42,7 +45,12 @@ def build_model(
             f"valid keys: name, {', '.join(model_options(name))}"
         )
     specs = parse_attention_specs(attention, attention_extra)
-    built = BACKBONES[name](num_classes=num_classes, attention=specs, **kwargs)
+    try:
+        built = BACKBONES[name](num_classes=num_classes, attention=specs, **kwargs)
+    except ConfigError:  # already names its config key (a block's, or a placement's)
+        raise
+    except ValueError as e:  # the backbone's own message about one of its arguments
+        raise ConfigError(config_message("model", str(e))) from None
     for spec in specs:
         if not any(isinstance(m, spec.block) for m in built.modules()):
             raise ConfigError(
@@ -53,4 +61,4 @@ def build_model(
     return built
 
 
-__all__ = ["BACKBONES", "Backbone", "ConfigError", "build_model", "model_options"]
+__all__ = ["BACKBONES", "Backbone", "ConfigError", "build_model", "model_options"]  # ConfigError: from errors

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from models.attention.base import AttentionBlock
-from models.placement import ConfigError
 
 Factory = Callable[..., nn.Module]
 
@@ -66,7 +65,7 @@ STEMS = ("cifar", "imagenet")
 def check_stem(kind: str) -> None:
     """Refuse a ``model.stem`` that is neither stem every backbone has."""
     if kind not in STEMS:
-        raise ConfigError(f"model.stem='{kind}' is not a stem; valid stems: {', '.join(STEMS)}")
+        raise ValueError(f"stem='{kind}' is not a stem; valid stems: {', '.join(STEMS)}")
 
 
 def stem_slot(factory: Factory | None, channels: int, tokens: bool = False) -> nn.Module:

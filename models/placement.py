@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from errors import ConfigError, config_message
 from models.attention import ATTENTION_BLOCKS
 
 # Role names that mean the same on every backbone.
@@ -30,10 +31,6 @@ SPEC_KEYS = ("name", "stages", "position", "every")
 Factory = Callable[..., nn.Module]
 
 
-class ConfigError(ValueError):
-    """A config value that cannot be built; the message names the key and how to fix it."""
-
-
 @dataclass(frozen=True)
 class AttentionSpec:
     """One validated attention spec: a block class, its hyper-parameters and where it goes."""
@@ -44,10 +41,22 @@ class AttentionSpec:
     stages: tuple[int, ...] | None  # None means every stage; negative counts from the last
     position: str  # a POSITIONS key, or "default"
     every: int = 1
+    where: str = "attention"  # the config key the spec came from
 
     def factory(self) -> Factory:
-        """A callable taking the backbone's shape arguments and returning a fresh block."""
-        return functools.partial(self.block, **self.kwargs)
+        """A callable taking the backbone's shape arguments and returning a fresh block; a block's
+        ValueError about its own arguments becomes a ConfigError naming the config key."""
+        return functools.partial(_build_block, self)
+
+
+def _build_block(spec: AttentionSpec, *shape: Any) -> nn.Module:
+    """``spec``'s block for the backbone's ``shape`` arguments."""
+    try:
+        return spec.block(*shape, **spec.kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(config_message(spec.where, str(e))) from None
 
 
 def block_hyperparameters(block: type[nn.Module]) -> list[str]:
@@ -96,7 +105,7 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
         )
     if not isinstance(every, int) or every < 1:
         raise ConfigError(f"{where} ({name}): every={every!r} must be an integer >= 1")
-    return AttentionSpec(name, block, raw, _parse_stages(stages, where, name), position, every)
+    return AttentionSpec(name, block, raw, _parse_stages(stages, where, name), position, every, where)
 
 
 def _parse_stages(stages: Any, where: str, name: str) -> tuple[int, ...] | None:

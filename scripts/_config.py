@@ -11,14 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.config import register_configs  # noqa: E402  (needs ROOT on the path)
+from engine.config import check_config, register_configs  # noqa: E402  (needs ROOT on the path)
+from errors import ConfigError  # noqa: E402
 
 
 def compose_from_argv(argv: list[str]) -> DictConfig:
-    """The config ``python train.py *argv`` would run with; a bad override exits with Hydra's message."""
+    """The config ``python train.py *argv`` would run with; a bad override or value exits with a one-line message."""
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            return compose(config_name="train", overrides=argv)
+            cfg = compose(config_name="train", overrides=argv)
     except (HydraException, OmegaConfBaseException) as e:
         sys.exit(f"error: {e}")
+    try:
+        check_config(cfg)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    return cfg

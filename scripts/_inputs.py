@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from data import build_datasets
-from data.errors import DataError
+from errors import DataError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from models import ConfigError, build_model
 

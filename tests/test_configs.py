@@ -1,18 +1,23 @@
-"""Config composition: every group option composes and builds; typos are errors, not ignored keys."""
+"""Config composition: every group option composes and builds; typos are errors, not ignored keys; bad values
+are one-line errors before anything runs."""
+import json
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from engine import config
 from engine.complexity import count_params
-from models import ConfigError, build_model
+from engine.config import RULES, DataConfig, OptimConfig, SchedConfig, TrainerConfig, check_config
+from errors import ConfigError
+from models import build_model
 from models.attention import SqueezeExcite
 from tests.helpers import CONFIG_DIR, compose_config, meta_device
 
 GROUPS = ["model", "attention", "data", "optim", "sched", "trainer"]
+SCHEMA = {"data": DataConfig, "optim": OptimConfig, "sched": SchedConfig, "trainer": TrainerConfig}
 
 
 def options(group: str) -> list[str]:
@@ -32,9 +37,17 @@ def test_every_option_composes(group, option):
     # the option's own literal values, before composition
     own = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"), resolve=False)
     overridden = {e.split("=")[0].split(".", 1)[1] for e in extra}
-    chosen = {k: v for k, v in own.items() if k != "defaults" and k not in overridden
+    chosen = {k: v for k, v in (own or {}).items() if k != "defaults" and k not in overridden
               and not (isinstance(v, str) and ("${" in v or v == "???"))}
-    assert chosen and {k: cfg[group][k] for k in chosen} == chosen
+    assert {k: cfg[group][k] for k in chosen} == chosen
+    check_config(cfg)  # every shipped option passes the value rules
+    schema = SCHEMA.get(group)
+    if schema is not None:  # defaults live in the schema: an option repeats none of them, except its name
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        repeated = [k for k, v in chosen.items() if k != "name" and defaults.get(k, object()) == v]
+        assert not repeated, f"configs/{group}/{option}.yaml repeats the schema's defaults of {repeated}"
+    if not chosen:  # an option of defaults only (trainer=default): the schema's values, all of them
+        assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(OmegaConf.structured(schema))
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -106,3 +119,97 @@ def test_every_experiment_starts_with_its_command_and_builds(experiment):
     with meta_device():
         net = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
     assert count_params(net) > 0 and cfg.trainer.epochs >= 90  # a full paper schedule, not a smoke test
+
+
+# --- values refused when the config is composed ---------------------------------------------------
+
+# One bad value for every key with a rule (engine.config.RULES), and for the model and attention keys
+# that have one: what a user will try. Each must stop train.py in one line, before torch is loaded.
+BAD_VALUES = {
+    "seed": "-1", "data.name": "mnist", "data.num_classes": "0", "data.image_size": "0", "data.stem": "tiny",
+    "data.mean": "[0.5,0.5]", "data.std": "[0.5,0,0.5]", "data.crop_pct": "0", "data.interpolation": "lanczos",
+    "data.batch_size": "0", "data.eval_batch_size": "-8", "data.num_workers": "-1", "data.in_memory": "maybe",
+    "data.max_train_samples": "0", "data.max_val_samples": "-5", "data.reprob": "1.5", "data.mixup": "-0.2",
+    "data.cutmix": "-1", "data.label_smoothing": "1.0", "optim.name": "adam", "optim.lr": "0",
+    "optim.weight_decay": "-1e-4", "optim.momentum": "1.0", "optim.betas": "[0.9,1.1]", "optim.clip_grad": "0",
+    "optim.lr_reference_batch": "0", "sched.name": "linear", "sched.warmup_epochs": "-1", "sched.warmup_lr": "-1",
+    "sched.min_lr": "-0.1", "sched.decay_epochs": "[0,5]", "sched.decay_rate": "0", "trainer.epochs": "-1",
+    "trainer.device": "tpu", "trainer.amp": "fp8", "trainer.ema_decay": "1.5", "trainer.log_interval": "0",
+    "trainer.attention_maps": "-2", "trainer.checkpoint_every_steps": "0", "trainer.dist_timeout_s": "0",
+    "trainer.on_nonfinite": "ignore", "model.norm": "layer", "model.stem": "tiny", "attention.reduction": "0",
+    "attention.every": "0",
+}
+
+
+def test_the_bad_value_table_covers_every_rule():
+    assert set(RULES) <= set(BAD_VALUES)
+
+
+def test_every_bad_value_is_one_line_from_train_py_before_anything_runs(tmp_path):
+    """train.py with each bad value: exit status 1, one error line naming the key, the value and what is
+    allowed, no traceback, no run started, and each in a few seconds (torch is never imported)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    def launch(key: str, value: str) -> tuple[subprocess.Popen, float]:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"{key}={value}", f"hydra.run.dir={tmp_path / key}"]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), \
+            time.monotonic()
+
+    pending, results = list(BAD_VALUES.items()), {}
+    while pending:  # three at a time
+        batch, pending = pending[:3], pending[3:]
+        running = {key: launch(key, value) for key, value in batch}
+        for key, (proc, start) in running.items():
+            output = proc.communicate(timeout=60)[0]
+            results[key] = (proc.returncode, output, time.monotonic() - start)
+    for key, (returncode, output, seconds) in results.items():
+        errors = [line for line in output.splitlines() if "error" in line.lower()]
+        assert returncode == 1 and "Traceback" not in output, (key, output)
+        assert len(errors) == 1 and f"error: {key}=" in errors[0] and "allowed" in errors[0], (key, output)
+        if key in RULES:  # the allowed values as the rule words them
+            assert errors[0].endswith(f"use {RULES[key].allowed}"), (key, errors[0])
+        metrics = json.loads((tmp_path / key / "metrics.json").read_text())
+        assert metrics["status"] == "failed" and "checkpoints" not in {p.name for p in (tmp_path / key).iterdir()}
+        assert seconds < 5, (key, seconds)
+
+
+def test_a_bad_value_in_a_sweep_fails_that_job_and_the_sweep_goes_on(tmp_path):
+    from tests.helpers import read_metrics, run_cli
+
+    sweep = run_cli("-m", "data.batch_size=0,-4", f"hydra.sweep.dir={tmp_path}")
+    assert sweep.returncode == 0, sweep.stderr
+    assert (sweep.stdout + sweep.stderr).count("is not allowed: use an integer >= 1") == 2
+    statuses = [read_metrics(run)["status"] for run in sorted(p for p in tmp_path.iterdir() if p.is_dir())]
+    assert statuses == ["failed", "failed"]
+
+
+def test_models_and_blocks_refuse_their_own_arguments_named_by_the_config_key():
+    """The modules raise plain ValueErrors about their arguments; build_model names the config key."""
+    with pytest.raises(ValueError, match=r"^reduction=0 must be an integer >= 1$"):
+        SqueezeExcite(64, reduction=0)
+    with pytest.raises(ConfigError, match=r"^attention_extra\[0\]\.heads=0 must be an integer >= 1$"):
+        build_model({"name": "resnet20"}, {"name": "none"}, [{"name": "mhsa", "heads": 0, "stages": [3]}], 10)
+    with pytest.raises(ConfigError, match=r"^model\.norm='layer' is not valid; use one of batch, group$"):
+        build_model({"name": "resnet20", "norm": "layer"}, {"name": "none"}, num_classes=10)
+    with pytest.raises(ConfigError, match=r"^model\.img_size=33 must be a multiple of 4 for the cifar stem$"):
+        build_model({"name": "volo_d1", "stem": "cifar", "img_size": 33}, {"name": "none"}, num_classes=10)
+
+
+def test_the_schemas_allowed_names_are_the_ones_the_code_accepts():
+    import data
+    import engine.optim
+    import engine.trainer
+    import models.backbones.resnet
+    import models.layers
+    from data.in_memory import IN_MEMORY_CHOICES
+
+    assert set(config.DATASETS) == set(data.DATASETS) and set(config.IN_MEMORY_CHOICES) == set(IN_MEMORY_CHOICES)
+    assert set(config.STEMS) == set(models.layers.STEMS) and set(config.NORMS) == set(models.backbones.resnet.NORMS)
+    assert set(config.OPTIMIZERS) == set(engine.optim.OPTIMIZERS)
+    assert set(config.SCHEDULES) == set(engine.optim.SCHEDULES)
+    assert set(config.AMP_MODES) == set(engine.trainer.AMP_DTYPES)
+    assert set(config.NONFINITE_ACTIONS) == set(engine.trainer.NONFINITE_ACTIONS)

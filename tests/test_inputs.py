@@ -13,7 +13,7 @@ from PIL import Image
 from data import DataError, build_datasets, build_loaders, set_train_epoch
 from data.in_memory import ResidentLoader
 from data.randomness import crop_flip_params, library_rngs, resized_crop_boxes, sample_seed, uniforms
-from models.placement import ConfigError
+from errors import ConfigError
 from tests.helpers import compose_config
 
 

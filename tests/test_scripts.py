@@ -47,9 +47,13 @@ def test_complexity_parts_add_up_to_the_total(overrides, names):
 
 
 def test_complexity_bad_override_is_a_short_error():
-    proc = run_script("complexity.py", "attention=sse")
+    """As a real process (the other script tests call main in-process): exit status, stderr, no traceback."""
+    proc = run_script("complexity.py", "attention=sse", in_process=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Available options in 'attention'" in proc.stderr
+    value = run_script("complexity.py", "attention.reduction=0")  # the value rules, as train.py applies them
+    assert value.returncode == 1 and value.stderr.strip() == (
+        "error: attention.reduction=0 is not allowed: use an integer >= 1")
 
 
 def test_benchmark_attention_measures_every_block_and_timms_where_it_has_one():

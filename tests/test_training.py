@@ -233,7 +233,7 @@ def test_agcnn_trains_on_multilabel_data_with_binary_cross_entropy(tmp_path):
 
 def test_multilabel_csv_names_a_missing_file_and_unknown_labels(tmp_path):
     from data import build_datasets
-    from data.errors import DataError
+    from errors import DataError
 
     cfg = compose_config("data=multilabel_csv", f"data.root={tmp_path}", "data.classes=[a,b]", "data.num_classes=2")
     with pytest.raises(DataError, match="train.csv does not exist"):

@@ -12,6 +12,13 @@ SPATIAL_POSITIONS = frozenset({"replace_spatial"})
 Maps = dict[str, tuple[str, torch.Tensor]]
 
 
+def require_positive(**arguments: int | None) -> None:
+    """ValueError naming the first argument that is not an integer >= 1 (None: left to the block's own rule)."""
+    for name, value in arguments.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
 def query_index(h: int, w: int, query: tuple[float, float]) -> tuple[int, int]:
     """The map position nearest to ``query`` (row, column fractions in [0, 1])."""
     return min(h - 1, int(query[0] * h)), min(w - 1, int(query[1] * w))

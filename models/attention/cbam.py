@@ -13,7 +13,7 @@ import torch
 from timm.layers.cbam import CbamModule, ChannelAttn
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 
 class ChannelGate(nn.Module):
@@ -21,6 +21,7 @@ class ChannelGate(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
+        require_positive(reduction=reduction)
         hidden = channels // reduction
         if hidden < 1:
             raise ValueError(f"cbam: reduction={reduction} leaves no hidden units for {channels} channels")
@@ -44,6 +45,7 @@ class SpatialGate(nn.Module):
 
     def __init__(self, kernel_size: int = 7):
         super().__init__()
+        require_positive(kernel_size=kernel_size)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1)
 
@@ -75,6 +77,7 @@ class CBAM(AttentionBlock):
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, bias: bool = True,
                  spatial: bool = True):
         super().__init__()
+        require_positive(reduction=reduction, kernel_size=kernel_size)
         self.channel = ChannelGate(channels, reduction, bias)
         self.spatial = SpatialGate(kernel_size) if spatial else nn.Identity()
 

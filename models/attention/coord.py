@@ -12,7 +12,7 @@ import torch
 from timm.layers.coord_attn import CoordAttn
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 
 class CoordAttention(AttentionBlock):
@@ -28,6 +28,7 @@ class CoordAttention(AttentionBlock):
 
     def __init__(self, channels: int, reduction: int = 32, min_width: int = 8):
         super().__init__()
+        require_positive(reduction=reduction, min_width=min_width)
         mip = max(min_width, channels // reduction)
         self.conv1 = nn.Conv2d(channels, mip, 1)
         self.bn1 = nn.BatchNorm2d(mip)

@@ -12,7 +12,7 @@ position. Pure PyTorch: row and column attention as einsums, never an (HW) x (HW
 import torch
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps, query_index
+from models.attention.base import require_positive, AttentionBlock, Maps, query_index
 
 
 class CrissCrossAttention(AttentionBlock):
@@ -28,6 +28,7 @@ class CrissCrossAttention(AttentionBlock):
 
     def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
         super().__init__()
+        require_positive(reduction=reduction, recurrence=recurrence)
         inner = max(1, channels // reduction)
         self.recurrence = recurrence
         self.query = nn.Conv2d(channels, inner, 1)

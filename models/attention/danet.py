@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps, query_index
+from models.attention.base import require_positive, AttentionBlock, Maps, query_index
 
 
 class PositionAttention(nn.Module):
@@ -20,6 +20,7 @@ class PositionAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8):
         super().__init__()
+        require_positive(reduction=reduction)
         inner = max(1, channels // reduction)
         self.query = nn.Conv2d(channels, inner, 1)
         self.key = nn.Conv2d(channels, inner, 1)
@@ -64,6 +65,7 @@ class DualAttention(AttentionBlock):
 
     def __init__(self, channels: int, reduction: int = 8):
         super().__init__()
+        require_positive(reduction=reduction)
         self.pam = PositionAttention(channels, reduction)
         self.cam = ChannelAttention()
         self.gamma_p = nn.Parameter(torch.zeros(1))

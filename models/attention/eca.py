@@ -15,7 +15,7 @@ import torch
 from timm.layers import EcaModule
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -37,6 +37,7 @@ class ECA(AttentionBlock):
 
     def __init__(self, channels: int, kernel_size: int | None = None, gamma: float = 2, b: float = 1):
         super().__init__()
+        require_positive(kernel_size=kernel_size)
         k = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, b)
         if k < 1 or k % 2 == 0:
             raise ValueError(f"eca: kernel_size={k} must be odd and positive")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 
 class GlobalContext(AttentionBlock):
@@ -31,6 +31,7 @@ class GlobalContext(AttentionBlock):
 
     def __init__(self, channels: int, reduction: int = 16, fusion: str = "add", pooling: str = "att"):
         super().__init__()
+        require_positive(reduction=reduction)
         if fusion not in ("add", "mul") or pooling not in ("att", "avg"):
             raise ValueError(f"gc: fusion='{fusion}', pooling='{pooling}'; use fusion add|mul, pooling att|avg")
         hidden = channels // reduction

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
+from models.attention.base import require_positive, SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
 
 
 def relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -51,6 +51,7 @@ class MultiHeadSelfAttention2d(AttentionBlock):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, heads: int = 4,
                  max_size: int = 14, rel_pos: bool = True):
         super().__init__()
+        require_positive(stride=stride, heads=heads, max_size=max_size)
         if out_channels % heads:
             raise ValueError(f"mhsa: out_channels={out_channels} is not divisible by heads={heads}")
         self.heads, self.dim = heads, out_channels // heads

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import NonLocalAttn
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps, query_index
+from models.attention.base import require_positive, AttentionBlock, Maps, query_index
 
 MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 
@@ -39,6 +39,7 @@ class NonLocal(AttentionBlock):
     def __init__(self, channels: int, mode: str = "embedded_gaussian", reduction: int = 2,
                  subsample: bool = False, scale: float = 1.0):
         super().__init__()
+        require_positive(reduction=reduction)
         if mode not in MODES:
             raise ValueError(f"nonlocal: mode='{mode}' is not valid; use one of {', '.join(MODES)}")
         inner = channels // reduction

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps, query_index
+from models.attention.base import require_positive, AttentionBlock, Maps, query_index
 
 
 def _unfold_heads(t: torch.Tensor, heads: int, k: int, padding: int, stride: int) -> torch.Tensor:
@@ -71,6 +71,7 @@ class OutlookAttention(AttentionBlock):
     def __init__(self, dim: int, heads: int = 1, kernel_size: int = 3, padding: int = 1, stride: int = 1,
                  qkv_bias: bool = False):
         super().__init__()
+        require_positive(heads=heads, kernel_size=kernel_size, stride=stride)
         if dim % heads:
             raise ValueError(f"outlook: dim={dim} is not divisible by heads={heads}")
         self.heads, self.k, self.padding, self.stride = heads, kernel_size, padding, stride
@@ -134,6 +135,7 @@ class Outlook(AttentionBlock):
 
     def __init__(self, channels: int, heads: int = 1, kernel_size: int = 3, padding: int = 1, stride: int = 2):
         super().__init__()
+        require_positive(heads=heads, kernel_size=kernel_size, stride=stride)
         self.norm = nn.LayerNorm(channels)
         self.attention = OutlookAttention(channels, heads, kernel_size, padding, stride)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 
 class PreActUnit(nn.Module):
@@ -49,6 +49,7 @@ class ResidualAttention(AttentionBlock):
 
     def __init__(self, channels: int, max_depth: int = 3, min_size: int = 4):
         super().__init__()
+        require_positive(max_depth=max_depth, min_size=min_size)
         self.max_depth, self.min_size = max_depth, min_size
         self.down = nn.ModuleList(PreActUnit(channels) for _ in range(max_depth))
         self.skips = nn.ModuleList(PreActUnit(channels) for _ in range(max_depth - 1))

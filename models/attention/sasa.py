@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
+from models.attention.base import require_positive, SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
 
 
 class LocalSelfAttention(AttentionBlock):
@@ -31,6 +31,7 @@ class LocalSelfAttention(AttentionBlock):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7,
                  heads: int = 8):
         super().__init__()
+        require_positive(stride=stride, kernel_size=kernel_size, heads=heads)
         if out_channels % heads or (out_channels // heads) % 2:
             raise ValueError(f"sasa: out_channels={out_channels} must split into {heads} heads of even width")
         if kernel_size % 2 == 0 or stride not in (1, 2):

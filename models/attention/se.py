@@ -12,7 +12,7 @@ import torch
 from timm.layers import SEModule, make_divisible
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 GATES = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -35,6 +35,7 @@ class SqueezeExcite(AttentionBlock):
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True, squeeze: str = "avg",
                  gate: str = "sigmoid", divisor: int = 1):
         super().__init__()
+        require_positive(reduction=reduction, divisor=divisor)
         hidden = channels // reduction if divisor == 1 else make_divisible(channels / reduction, divisor, round_limit=0.0)
         if reduction < 1 or hidden < 1:
             raise ValueError(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps
+from models.attention.base import require_positive, AttentionBlock, Maps
 
 
 class SpatialTransformer(AttentionBlock):
@@ -27,6 +27,7 @@ class SpatialTransformer(AttentionBlock):
 
     def __init__(self, channels: int, hidden: int = 32):
         super().__init__()
+        require_positive(hidden=hidden)
         self.localization = nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),

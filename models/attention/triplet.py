@@ -10,7 +10,7 @@ spatial gate, which is reused. The three gated tensors are rotated back and aver
 """
 import torch
 
-from models.attention.base import AttentionBlock
+from models.attention.base import require_positive, AttentionBlock
 from models.attention.cbam import SpatialGate
 
 
@@ -27,6 +27,7 @@ class TripletAttention(AttentionBlock):
 
     def __init__(self, channels: int, kernel_size: int = 7, spatial: bool = True):
         super().__init__()
+        require_positive(kernel_size=kernel_size)
         self.ch = SpatialGate(kernel_size)  # H plays the channel role: C-W interaction
         self.cw = SpatialGate(kernel_size)  # W plays the channel role: C-H interaction
         self.hw = SpatialGate(kernel_size) if spatial else None

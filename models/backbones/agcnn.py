@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from models.backbones.base import BACKBONES, Backbone, register_backbone
-from models.placement import AttentionSpec, ConfigError
+from models.placement import AttentionSpec
 
 STAGES = ("global", "local", "fusion")
 
@@ -93,9 +93,9 @@ class AGCNN(Backbone):
                  stage_fractions: Sequence[float] = (0.5, 0.25, 0.25)):
         super().__init__()
         if not 0 <= tau < 1:
-            raise ConfigError(f"model.tau={tau} must be in [0, 1)")
+            raise ValueError(f"tau={tau} must be in [0, 1)")
         if len(stage_fractions) != 3 or any(f < 0 for f in stage_fractions) or sum(stage_fractions) <= 0:
-            raise ConfigError(f"model.stage_fractions={list(stage_fractions)} must be three non-negative "
+            raise ValueError(f"stage_fractions={list(stage_fractions)} must be three non-negative "
                               "fractions (global, local, fusion)")
         self.global_branch = global_branch
         self.local_branch = local_branch
@@ -193,12 +193,12 @@ def agcnn(backbones: Mapping[str, Callable[..., nn.Module]], num_classes: int = 
     """
     valid = [name for name in backbones if name != "agcnn"]
     if backbone not in valid:
-        raise ConfigError(f"model.backbone='{backbone}' is not a backbone; valid: {', '.join(valid)}")
+        raise ValueError(f"backbone='{backbone}' is not a backbone; valid: {', '.join(valid)}")
     accepted = [p for p in inspect.signature(backbones[backbone]).parameters if p not in ("num_classes", "attention")]
     options = {k: v for k, v in (("stem", stem), ("img_size", img_size)) if k in accepted}
     unknown = sorted(set(backbone_options or {}) - set(accepted))
     if unknown:
-        raise ConfigError(f"model.backbone_options: {backbone} has no key(s) {', '.join(unknown)}; "
+        raise ValueError(f"backbone_options: {backbone} has no key(s) {', '.join(unknown)}; "
                           f"valid keys: {', '.join(accepted)}")
     options.update(backbone_options or {})
     branches = [backbones[backbone](num_classes=num_classes, attention=attention, **options) for _ in range(2)]

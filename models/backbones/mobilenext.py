@@ -19,7 +19,7 @@ from torch import nn
 
 from models.backbones.base import PooledBackbone, register_backbone
 from models.layers import AttentionSlots, check_stem, build_stages, conv_bn_relu6, init_mobile_weights, init_small_normal, stem_slot
-from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigError, Factory
+from models.placement import POSITIONS, AttentionPlan, AttentionSpec, Factory
 
 # Sandglass rows: expansion t, output channels c, repeats b, first stride s. The last row's width
 # is the head width (1280 * max(1, width_mult)), filled in by the network.
@@ -110,7 +110,7 @@ class MobileNeXt(PooledBackbone):
         super().__init__()
         check_stem(stem)
         if not 0 < identity_mult <= 1:
-            raise ConfigError(f"model.identity_mult={identity_mult} must be in (0, 1]")
+            raise ValueError(f"identity_mult={identity_mult} must be in (0, 1]")
         plan = AttentionPlan(attention, "mobilenext", [b for _, _, b, _ in ROWS], positions=POSITIONS,
                              default_position="after_spatial")
         channels = make_divisible(32 * width_mult, 8)

@@ -18,7 +18,7 @@ from torch import nn
 
 from models.backbones.base import PooledBackbone, register_backbone
 from models.layers import AttentionSlots, check_stem, build_stages, restore_block_inits, stem_slot
-from models.placement import POSITIONS, AttentionPlan, AttentionSpec, ConfigError
+from models.placement import POSITIONS, AttentionPlan, AttentionSpec
 
 Norm = Callable[[int], nn.Module]
 
@@ -41,7 +41,7 @@ def norm_factory(kind: str, groups: int = 32) -> Norm:
         return nn.BatchNorm2d
     if kind == "group":
         return lambda channels: nn.GroupNorm(math.gcd(groups, channels), channels)
-    raise ConfigError(f"model.norm='{kind}' is not valid; use one of {', '.join(NORMS)}")
+    raise ValueError(f"norm='{kind}' is not valid; use one of {', '.join(NORMS)}")
 
 
 class BasicBlock(nn.Module):
@@ -202,7 +202,7 @@ class ResNet(PooledBackbone):
     ):
         super().__init__()
         if shortcut not in ("projection", "pad"):
-            raise ConfigError(f"shortcut='{shortcut}' is not valid; use projection or pad")
+            raise ValueError(f"shortcut='{shortcut}' is not valid; use projection or pad")
         norm_layer = norm_factory(norm, norm_groups)
         plan = AttentionPlan(attention, name, depths, positions=POSITIONS, default_position="standard")
         # torchvision's names (conv1, bn1, relu, maxpool) keep state dicts interchangeable.

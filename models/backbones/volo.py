@@ -35,7 +35,7 @@ from models.attention.outlook import OutlookAttention
 from models.attention.sasa import LocalSelfAttention
 from models.backbones.base import Backbone, register_backbone
 from models.layers import AttentionSlots, check_stem, build_stages, restore_block_inits, stem_slot
-from models.placement import AttentionPlan, AttentionSpec, ConfigError
+from models.placement import AttentionPlan, AttentionSpec
 
 # Where attention blocks go in a VOLO unit: x -> pre -> [norm1, mixer] -> after_spatial -> add ->
 # [norm2, MLP] -> standard -> add -> post; replace_spatial replaces the mixer; stem follows the patch embedding.
@@ -107,7 +107,7 @@ def build_mixer(mixer: str, dim: int, heads: int, qkv_bias: bool = False) -> nn.
         return ConvMixer(dim, kernel_size=3, qkv_bias=qkv_bias)
     if mixer == "mhsa":
         return SelfAttention(dim, heads, qkv_bias)
-    raise ConfigError(f"model.mixer='{mixer}' is not a token mixer; valid mixers: {', '.join(MIXERS)}")
+    raise ValueError(f"mixer='{mixer}' is not a token mixer; valid mixers: {', '.join(MIXERS)}")
 
 
 class VoloBlock(nn.Module):
@@ -239,10 +239,10 @@ class VOLO(Backbone):
         super().__init__()
         check_stem(stem)
         if mixer not in MIXERS:
-            raise ConfigError(f"model.mixer='{mixer}' is not a token mixer; valid mixers: {', '.join(MIXERS)}")
+            raise ValueError(f"mixer='{mixer}' is not a token mixer; valid mixers: {', '.join(MIXERS)}")
         patch = 8 if stem == "imagenet" else 2
         if img_size % (patch * 2):
-            raise ConfigError(f"model.img_size={img_size} must be a multiple of {patch * 2} for the {stem} stem")
+            raise ValueError(f"img_size={img_size} must be a multiple of {patch * 2} for the {stem} stem")
         plan = AttentionPlan(attention, name, layers, positions=VOLO_POSITIONS, default_position="post")
         self.patch_embed = PatchEmbed(in_chans, stem_hidden_dim, embed_dims[0], 2 if stem == "imagenet" else 1,
                                       patch // 2 if stem == "imagenet" else patch)

@@ -1,6 +1,5 @@
 """Train and evaluate an attention-augmented classifier: `python train.py [overrides]`."""
 import logging
-import os
 import sys
 
 import hydra
@@ -9,7 +8,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from engine.config import check_config, register_configs
-from engine.metrics import mark_failed
+from engine.metrics import launcher_rank, mark_failed
 from errors import USER_ERRORS, ConfigError
 
 log = logging.getLogger("attnlab")
@@ -31,9 +30,9 @@ def main(cfg: DictConfig) -> None:
     try:
         check_config(cfg)  # before torch is imported: a bad value costs a second, not a start-up
     except ConfigError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if launcher_rank() == 0:
             mark_failed(run_dir, e)  # a sweep lists this job as failed
-        return stop(e, hydra_cfg.mode)
+        return report_user_error(e, hydra_cfg.mode)
     from engine.interrupt import RunInterrupted
     from engine.run import train
 
@@ -46,13 +45,13 @@ def main(cfg: DictConfig) -> None:
             handler(signum, None)
         sys.exit(1)  # non-zero: torchrun --max-restarts and SLURM requeue treat the run as unfinished
     except USER_ERRORS as e:
-        return stop(e, hydra_cfg.mode)
+        return report_user_error(e, hydra_cfg.mode)
     log.info("top-1 error %.2f%% (best %.2f%%) after %d epochs", metrics["top1_err"],
              metrics["best_top1_err"], metrics["epoch"])
     log.info("outputs: %s | TensorBoard: tensorboard --logdir %s/tensorboard", run_dir, run_dir)
 
 
-def stop(error: Exception, mode: RunMode) -> None:
+def report_user_error(error: Exception, mode: RunMode) -> None:
     """Report a user error in one line; exit non-zero, except in a sweep, which goes on to its next job."""
     log.error("error: %s", short_message(error))
     if mode != RunMode.MULTIRUN:

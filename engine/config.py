@@ -153,12 +153,15 @@ NON_NEGATIVE_INT = Rule(lambda v: _integer(v) and v >= 0, "an integer >= 0")
 POSITIVE = Rule(lambda v: _number(v) and v > 0, "a number > 0")
 NON_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number >= 0")
 PROBABILITY = Rule(lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
-BELOW_ONE = Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+BELOW_ONE = Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")  # [0, 1): momentum, decays
+BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
 
 
 def one_of(names: tuple[str, ...]) -> Rule:
-    """One of ``names`` (compared as text: Hydra reads a bare true/false as a boolean)."""
-    return Rule(lambda v: str(v).lower() in names, f"one of {', '.join(names)}")
+    """One of ``names``, exactly; a boolean as its lower-case text (Hydra reads a bare true/false as one, and
+    a string-typed key then holds "True" or "False")."""
+    return Rule(lambda v: v in names or (str(v) in ("True", "False") and str(v).lower() in names),
+                f"one of {', '.join(names)}")
 
 
 def optional(rule: Rule) -> Rule:
@@ -174,7 +177,7 @@ def list_of(rule: Rule, length: int | None = None) -> Rule:
 
 
 RULES: dict[str, Rule] = {
-    "seed": NON_NEGATIVE_INT,
+    "seed": Rule(lambda v: _integer(v) and 0 <= v < 2**31, "an integer in [0, 2^31)"),  # numpy takes < 2^32, less the rank
     "data.name": one_of(DATASETS),
     "data.num_classes": POSITIVE_INT,
     "data.image_size": POSITIVE_INT,
@@ -189,6 +192,8 @@ RULES: dict[str, Rule] = {
     "data.in_memory": one_of(IN_MEMORY_CHOICES),
     "data.max_train_samples": optional(POSITIVE_INT),
     "data.max_val_samples": optional(POSITIVE_INT),
+    "data.randaugment": optional(Rule(lambda v: isinstance(v, str) and v.split("-")[0] == "rand",
+                                      "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1")),
     "data.reprob": PROBABILITY,
     "data.mixup": NON_NEGATIVE,
     "data.cutmix": NON_NEGATIVE,
@@ -204,7 +209,8 @@ RULES: dict[str, Rule] = {
     "sched.warmup_epochs": NON_NEGATIVE_INT,
     "sched.warmup_lr": NON_NEGATIVE,
     "sched.min_lr": NON_NEGATIVE,
-    "sched.decay_epochs": list_of(POSITIVE_INT),
+    "sched.decay_epochs": Rule(lambda v: list_of(POSITIVE_INT).accepts(v) and list(v) == sorted(set(v)),
+                               "a list of increasing integers >= 1"),
     "sched.decay_rate": POSITIVE,
     "trainer.epochs": POSITIVE_INT,
     "trainer.device": one_of(DEVICES),
@@ -220,20 +226,35 @@ RULES: dict[str, Rule] = {
 # Keys of some backbones and blocks, checked wherever a model config or an attention spec has them.
 MODEL_RULES: dict[str, Rule] = {
     "stem": one_of(STEMS), "norm": one_of(NORMS), "norm_groups": POSITIVE_INT, "width_mult": POSITIVE,
-    "img_size": POSITIVE_INT, "drop_rate": PROBABILITY, "drop_path_rate": PROBABILITY,
+    "img_size": POSITIVE_INT, "drop_rate": PROBABILITY, "drop_path_rate": PROBABILITY, "dropout": PROBABILITY,
+    "in_chans": POSITIVE_INT, "tau": BELOW_ONE,
 }
 ATTENTION_RULES: dict[str, Rule] = {
     **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width", "max_depth",
                                      "min_size", "max_size", "hidden", "divisor", "stride")},
     "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE, "scale": POSITIVE,
+    "gamma": POSITIVE, "b": Rule(_number, "a number"),
+    **{key: BOOLEAN for key in ("bias", "spatial", "subsample", "rel_pos", "qkv_bias")},
 }
+
+# Rules across keys: (the keys, whether their values go together, what is allowed).
+JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
+    (("sched.warmup_epochs", "trainer.epochs"), lambda warmup, epochs: warmup <= epochs,
+     "no more warm-up epochs than trainer.epochs"),
+    (("trainer.eval_only", "trainer.resume"), lambda eval_only, resume: not eval_only or bool(resume),
+     "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
+    (("trainer.amp", "trainer.device"), lambda amp, device: amp != "fp16" or device != "cpu",
+     "trainer.amp=fp16 on CUDA only; on the CPU use trainer.amp=bf16"),
+]
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed, the value and what is allowed."""
     values = OmegaConf.to_container(cfg, resolve=True)
     checks = [(key, _lookup(values, key), rule) for key, rule in RULES.items()]
-    checks += _group_checks("model", values.get("model") or {}, MODEL_RULES)
+    model = values.get("model") or {}
+    checks += _group_checks("model", model, MODEL_RULES)
+    checks += _group_checks("model.backbone_options", model.get("backbone_options") or {}, MODEL_RULES)  # AG-CNN's
     specs = [("attention", values.get("attention") or {})]
     specs += [(f"attention_extra[{i}]", spec) for i, spec in enumerate(values.get("attention_extra") or [])]
     for path, spec in specs:
@@ -241,9 +262,14 @@ def check_config(cfg: DictConfig) -> None:
     for key, value, rule in checks:
         if value is not _ABSENT and not rule.accepts(value):
             raise ConfigError(f"{key}={_show(value)} is not allowed: use {rule.allowed}")
+    for keys, agree, allowed in JOINT_RULES:
+        found = [_lookup(values, key) for key in keys]
+        if _ABSENT not in found and not agree(*found):
+            given = " ".join(f"{key}={_show(value)}" for key, value in zip(keys, found))
+            raise ConfigError(f"{given} do not go together: use {allowed}")
 
 
-_ABSENT = object()
+_ABSENT = object()  # a key the config does not have (None is a value: null)
 
 
 def _lookup(values: dict, dotted: str) -> Any:
@@ -267,4 +293,6 @@ def _show(value: Any) -> str:
     """A value as the user would type it on the command line."""
     if isinstance(value, (ListConfig, list, tuple)):
         return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, bool) or str(value) in ("True", "False"):
+        return str(value).lower()
     return "null" if value is None else str(value)

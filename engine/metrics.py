@@ -8,6 +8,16 @@ from typing import Any
 _IMPORTED_AT = time.time()
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it, before any process group: torchrun's ``RANK``, or the
+    SLURM task id of a several-task job started by submitit (``engine.distributed`` exports it as RANK later)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SUBMITIT_FOLDER" in os.environ:
+        return int(os.environ.get("SLURM_PROCID", 0))
+    return 0
+
+
 def process_age_s() -> float:
     """Seconds since this process started (Linux: from /proc; elsewhere since this module's import)."""
     try:
@@ -21,7 +31,7 @@ def process_age_s() -> float:
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON through a temp file and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may write the same file
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 

@@ -5,10 +5,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from engine.config import OptimConfig, SchedConfig
+from engine.config import OPTIMIZERS, OptimConfig, SchedConfig
 from errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = {"cosine": "cosine", "step": "multistep", "none": None}
 
 

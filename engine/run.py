@@ -1,7 +1,6 @@
 """``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
 import functools
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 from data import build_datasets, build_loaders, check_in_memory, set_train_epoch
 from engine.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from engine.complexity import count_macs, count_params
-from engine.config import check_config
+from engine.config import DEVICES, check_config
 from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
                                 broadcast_object, check_replicas_agree, cleanup, init_distributed)
 from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
-from engine.metrics import mark_failed, process_age_s, write_json
+from engine.metrics import launcher_rank, mark_failed, process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, Precision, StepOptions, build_precision, evaluate, train_one_epoch
@@ -39,8 +38,8 @@ def select_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"trainer.device='{name}' is not valid; use auto, cpu or cuda")
+    if name not in DEVICES:
+        raise ConfigError(f"trainer.device='{name}' is not valid; use {', '.join(DEVICES)}")
     return torch.device(name)
 
 
@@ -88,7 +87,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return _train(cfg, run_dir)
     except BaseException as e:
         lost = as_rank_lost(e, cfg.trainer.dist_timeout_s)  # a collective failed: name it plainly
-        if int(os.environ.get("RANK", 0)) == 0:
+        if launcher_rank() == 0:
             mark_failed(run_dir, lost or e, "interrupted" if isinstance(e, RunInterrupted) else "failed")
         if isinstance(e, AGREED_STOPS):
             # every rank raised this at the same step: leave together, or torchrun would stop rank 0
@@ -151,7 +150,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     tcfg = cfg.trainer
     device = select_device(tcfg.device)
     precision = build_precision(tcfg.amp, device)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if launcher_rank() != 0:
         logging.getLogger().setLevel(logging.WARNING)
     if tcfg.eval_only and not tcfg.resume:
         raise ConfigError("trainer.eval_only=true needs trainer.resume=PATH/TO/checkpoint.pt")

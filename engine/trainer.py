@@ -13,12 +13,12 @@ from tqdm import tqdm
 
 from data.corrupt import batch_skipped, require_images
 from engine.checkpoint import TrainState
+from engine.config import NONFINITE_ACTIONS
 from engine.distributed import agree_at_sync_point, all_reduce_sum, get_world_size
 from engine.hooks import fault_point
 from errors import ConfigError, NonFiniteLossError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-NONFINITE_ACTIONS = ("stop", "skip")
 log = logging.getLogger("attnlab")
 
 

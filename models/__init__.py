@@ -54,7 +54,7 @@ def build_model(
     for spec in specs:
         if not any(isinstance(m, spec.block) for m in built.modules()):
             raise ConfigError(
-                f"attention '{spec.name}' (stages {list(spec.stages) if spec.stages else 'all'}, position "
+                f"{spec.where} '{spec.name}' (stages {list(spec.stages) if spec.stages else 'all'}, position "
                 f"{spec.position}) places no block on {name}: no unit there has that position; "
                 "choose other stages or another position"
             )

@@ -100,7 +100,7 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
         )
     if position != "default" and position not in POSITIONS:
         raise ConfigError(
-            f"{where} ({name}): unknown position '{position}'; "
+            f"{where}.position={position} is not allowed: unknown position '{position}'; "
             f"valid positions: default, {', '.join(POSITIONS)}"
         )
     if not isinstance(every, int) or every < 1:
@@ -165,14 +165,14 @@ class AttentionPlan:
             accepted = sorted(set(positions) & set(spec.block.positions))
             if position not in accepted:
                 raise ConfigError(
-                    f"attention '{spec.name}' cannot go at position '{position}' on {backbone}; "
-                    f"valid positions: {', '.join(accepted)}"
+                    f"{spec.where}.position={spec.position} is not allowed: '{spec.name}' cannot go at position "
+                    f"'{position}' on {backbone}; valid positions: {', '.join(accepted)}"
                 )
             n = len(stage_depths)
             bad = [s for s in spec.stages or () if not -n <= s <= n]
             if bad:
                 raise ConfigError(
-                    f"attention '{spec.name}': {backbone} has no stage {bad[0]}; "
+                    f"{spec.where}.stages={list(spec.stages)} is not allowed: {backbone} has no stage {bad[0]}; "
                     f"valid stages: 1..{n}, -{n}..-1 (from the end) or 'all'"
                 )
             if spec.stages is not None:

@@ -55,7 +55,7 @@ def test_sync_batch_norm_on_the_cpu_is_refused_with_the_alternative(quick_config
 
 
 def test_eval_only_without_a_checkpoint_is_a_config_error(quick_config, tmp_path):
-    with pytest.raises(ConfigError, match="trainer.eval_only=true needs trainer.resume"):
+    with pytest.raises(ConfigError, match="trainer.eval_only=true trainer.resume=null do not go together: use trainer.eval_only=true with trainer.resume="):
         train(quick_config("trainer.eval_only=true"), tmp_path)
 
 

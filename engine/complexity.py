@@ -71,3 +71,14 @@ def complexity_by_part(model: Backbone, input_size: tuple[int, int, int]) -> lis
     rest = {"part": "rest (stem, head)", "params": total["params"] - sum(r["params"] for r in rows),
             "macs": total["macs"] - sum(r["macs"] for r in rows)}
     return [*rows, rest, total]
+
+
+def bottleneck_widths(model: nn.Module) -> list[dict[str, int | str]]:
+    """Each attention block's effective bottleneck width (its ``width``: C // r, at least 1) and input channels."""
+    rows = []
+    for name, module in model.named_modules():
+        width = getattr(module, "width", None)
+        if isinstance(width, int) and type(module).__module__.startswith("models.attention"):
+            conv = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+            rows.append({"block": name, "type": type(module).__name__, "channels": conv.in_channels, "width": width})
+    return rows

@@ -2,14 +2,16 @@
 
 Usage: python scripts/complexity.py model=resnet50 attention=se data=imagenet
 Takes train.py's overrides. Prints parameters and MACs per stage (per branch for AG-CNN), the rest
-(stem, head) and the total, attention blocks included; the last line printed is one JSON object.
+(stem, head) and the total, attention blocks included, then the attention blocks' bottleneck widths
+(C // r, at least 1); the last line printed is one JSON object.
 """
 import json
 import sys
+from collections import Counter
 
 from _config import compose_from_argv
 
-from engine.complexity import complexity_by_part
+from engine.complexity import bottleneck_widths, complexity_by_part
 from models import ConfigError, build_model
 
 
@@ -27,8 +29,13 @@ def main(argv: list[str]) -> int:
     print(f"{'part':<20}{'parameters':>14}{'MACs':>16}")
     for row in rows:
         print(f"{row['part']:<20}{row['params']:>14,}{row['macs']:>16,}")
+    widths = bottleneck_widths(model)
+    if widths:
+        counts = Counter((w["type"], w["channels"], w["width"]) for w in widths)
+        print("bottleneck widths: " + ", ".join(f"{kind} {c}->{w} (x{n})" for (kind, c, w), n in counts.items()))
     total = rows[-1]
-    print(json.dumps({"params": total["params"], "macs": total["macs"], "input_size": size, "parts": rows}))
+    print(json.dumps({"params": total["params"], "macs": total["macs"], "input_size": size, "parts": rows,
+                      "widths": widths}))
     return 0
 
 

@@ -23,9 +23,10 @@ def test_se_bias_option():
     assert count_params(SqueezeExcite(64, 4, bias=True)) - count_params(SqueezeExcite(64, 4, bias=False)) == 16 + 64
 
 
-def test_se_rejects_a_reduction_that_leaves_no_units():
-    with pytest.raises(ValueError, match="reduction=32"):
-        SqueezeExcite(16, reduction=32)
+def test_se_keeps_one_hidden_unit_where_r_exceeds_the_channels_and_refuses_r_below_one():
+    assert SqueezeExcite(16, reduction=32).fc1.out_channels == 1  # the SE paper's CIFAR nets at r = 32
+    with pytest.raises(ValueError, match="reduction=0 must be an integer >= 1"):
+        SqueezeExcite(16, reduction=0)
 
 
 def test_se_shape_gradient_channels_last_and_bf16():
@@ -334,6 +335,28 @@ def test_outlook_plug_in_is_residual():
     torch.nn.init.zeros_(block.attention.proj.bias)
     x = torch.randn(2, 32, 5, 5)
     torch.testing.assert_close(block(x), x)
+
+
+@pytest.mark.parametrize("block", ["se", "cbam", "gc"])
+def test_every_reduction_runs_on_the_cifar_resnets_with_the_width_floored_at_one(block):
+    """`-m attention.reduction=2,4,8,16,32` on ResNet-20 (16, 32, 64 channels): C // r, at least 1."""
+    from engine.complexity import bottleneck_widths
+
+    for reduction in (2, 4, 8, 16, 32):
+        net = build_model({"name": "resnet20"}, {"name": block, "reduction": reduction}, num_classes=10)
+        widths = {(w["channels"], w["width"]) for w in bottleneck_widths(net)}
+        assert widths == {(c, max(1, c // reduction)) for c in (16, 32, 64)}, (block, reduction)
+        assert net(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("model", [{"name": "resnet20"}, {"name": "mobilenetv2", "stem": "cifar"}])
+def test_cbam_spatial_gates_start_as_the_official_code_sets_them(model):
+    """The official CBAM ResNets zero the spatial gate's BN scale: every spatial gate is 0.5 at init."""
+    net = build_model(model, {"name": "cbam", "reduction": 4}, num_classes=10)
+    gates = [m.spatial for m in net.modules() if isinstance(m, CBAM)]
+    assert gates and all(torch.equal(g.bn.weight, torch.zeros(1)) for g in gates)
+    x = torch.randn(2, 8, 6, 6)  # the spatial gate pools over the channels: any count
+    torch.testing.assert_close(gates[0].gate(x), torch.full((2, 1, 6, 6), 0.5))
 
 
 # --- parameter counts of the papers' networks ----------------------------------------------------

@@ -16,7 +16,8 @@ def test_complexity_prints_the_built_models_counts_as_json():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     model = build_model({"name": "resnet50", "stem": "imagenet"}, {"name": "se"})
-    parts = result.pop("parts")
+    parts, widths = result.pop("parts"), result.pop("widths")
+    assert {(w["channels"], w["width"]) for w in widths} == {(c, c // 16) for c in (256, 512, 1024, 2048)}
     assert result == {"params": count_params(model), "macs": count_macs(model, (3, 224, 224)), "input_size": 224}
     assert result["params"] == 28_088_024
     stages = {p["part"]: p for p in parts}

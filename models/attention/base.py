@@ -19,6 +19,12 @@ def require_positive(**arguments: int | None) -> None:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
+def bottleneck_width(channels: int, reduction: int) -> int:
+    """``C // r``, at least 1: the SE paper's CIFAR ResNets keep one hidden unit in their 16-channel stage
+    at r = 32 (SE, CBAM and GC all floor their bottleneck so, and every r runs on every backbone)."""
+    return max(1, channels // reduction)
+
+
 def query_index(h: int, w: int, query: tuple[float, float]) -> tuple[int, int]:
     """The map position nearest to ``query`` (row, column fractions in [0, 1])."""
     return min(h - 1, int(query[0] * h)), min(w - 1, int(query[1] * w))

@@ -13,7 +13,7 @@ import torch
 from timm.layers.cbam import CbamModule, ChannelAttn
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps
+from models.attention.base import AttentionBlock, Maps, bottleneck_width, require_positive
 
 
 class ChannelGate(nn.Module):
@@ -22,9 +22,8 @@ class ChannelGate(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
         require_positive(reduction=reduction)
-        hidden = channels // reduction
-        if hidden < 1:
-            raise ValueError(f"cbam: reduction={reduction} leaves no hidden units for {channels} channels")
+        hidden = bottleneck_width(channels, reduction)
+        self.width = hidden  # the effective bottleneck width (scripts/complexity.py lists it)
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
@@ -66,7 +65,7 @@ class CBAM(AttentionBlock):
 
     Args:
         channels: input and output channel count C.
-        reduction: channel MLP reduction r (width exactly C // r).
+        reduction: channel MLP reduction r (width C // r, at least 1).
         kernel_size: spatial gate kernel (7 in the paper).
         bias: biases in the channel MLP (the official code has them).
         spatial: include the spatial gate (False: the paper's channel-only ablation).
@@ -80,6 +79,13 @@ class CBAM(AttentionBlock):
         require_positive(reduction=reduction, kernel_size=kernel_size)
         self.channel = ChannelGate(channels, reduction, bias)
         self.spatial = SpatialGate(kernel_size) if spatial else nn.Identity()
+
+    def init_weights(self) -> None:
+        """The official ResNets' init (Jongchan/attention-module, ``model_resnet.py``): the spatial gate's BN
+        scale starts at 0, so the gate is a uniform 0.5 at first; torch's BN default would start it at 1."""
+        if isinstance(self.spatial, SpatialGate):
+            nn.init.zeros_(self.spatial.bn.weight)
+            nn.init.zeros_(self.spatial.bn.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""

@@ -12,7 +12,7 @@ import torch
 from timm.layers.coord_attn import CoordAttn
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps
+from models.attention.base import AttentionBlock, Maps, require_positive
 
 
 class CoordAttention(AttentionBlock):

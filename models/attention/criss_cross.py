@@ -12,7 +12,7 @@ position. Pure PyTorch: row and column attention as einsums, never an (HW) x (HW
 import torch
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps, query_index
+from models.attention.base import AttentionBlock, Maps, query_index, require_positive
 
 
 class CrissCrossAttention(AttentionBlock):

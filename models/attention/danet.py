@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps, query_index
+from models.attention.base import AttentionBlock, Maps, query_index, require_positive
 
 
 class PositionAttention(nn.Module):

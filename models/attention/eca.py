@@ -15,7 +15,7 @@ import torch
 from timm.layers import EcaModule
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps
+from models.attention.base import AttentionBlock, Maps, require_positive
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:

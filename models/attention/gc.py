@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps
+from models.attention.base import AttentionBlock, Maps, bottleneck_width, require_positive
 
 
 class GlobalContext(AttentionBlock):
@@ -22,7 +22,7 @@ class GlobalContext(AttentionBlock):
 
     Args:
         channels: input and output channel count C.
-        reduction: bottleneck ratio r (width C // r; the paper's default 16).
+        reduction: bottleneck ratio r (width C // r, at least 1; the paper's default 16).
         fusion: ``add`` (the paper's default) or ``mul`` (x * sigmoid(transform)).
         pooling: ``att`` (softmax attention pooling) or ``avg`` (the paper's ablation).
     """
@@ -34,9 +34,8 @@ class GlobalContext(AttentionBlock):
         require_positive(reduction=reduction)
         if fusion not in ("add", "mul") or pooling not in ("att", "avg"):
             raise ValueError(f"gc: fusion='{fusion}', pooling='{pooling}'; use fusion add|mul, pooling att|avg")
-        hidden = channels // reduction
-        if hidden < 1:
-            raise ValueError(f"gc: reduction={reduction} leaves no hidden units for {channels} channels")
+        hidden = bottleneck_width(channels, reduction)
+        self.width = hidden  # the effective bottleneck width (scripts/complexity.py lists it)
         self.fusion, self.pooling = fusion, pooling
         self.conv_mask = nn.Conv2d(channels, 1, 1) if pooling == "att" else None
         self.transform = nn.Sequential(

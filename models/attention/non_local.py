@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import NonLocalAttn
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps, query_index
+from models.attention.base import AttentionBlock, Maps, query_index, require_positive
 
 MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps, query_index
+from models.attention.base import AttentionBlock, Maps, query_index, require_positive
 
 
 def _unfold_heads(t: torch.Tensor, heads: int, k: int, padding: int, stride: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import require_positive, SPATIAL_POSITIONS, AttentionBlock, Maps, query_index
+from models.attention.base import AttentionBlock, Maps, SPATIAL_POSITIONS, query_index, require_positive
 
 
 class LocalSelfAttention(AttentionBlock):

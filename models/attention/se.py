@@ -4,15 +4,16 @@ Paper: "Squeeze-and-Excitation Networks", Hu, Shen, Sun, CVPR 2018 (TPAMI 2019).
 https://arxiv.org/abs/1709.01507 . Reference code: https://github.com/hujie-frank/SENet
 
 Differences from timm's ``SEModule``: timm rounds the hidden width to a multiple of 8
-(``rd_divisor=8``) and takes a ratio; here the width is exactly ``channels // reduction`` as in
-the paper's Table 5 and its parameter counts. ``divisor=8`` gives timm's rounding; timm's module
+(``rd_divisor=8``) and takes a ratio; here the width is ``channels // reduction`` as in the paper's
+Table 5 and its parameter counts, floored at 1 so that every r runs on every backbone (the paper's CIFAR
+ResNets keep one hidden unit in their 16-channel stage at r = 32). ``divisor=8`` gives timm's rounding; timm's module
 built with ``rd_channels=C // r`` gives this one (``timm_twin``; ``tests/test_attention.py`` checks both).
 """
 import torch
 from timm.layers import SEModule, make_divisible
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps
+from models.attention.base import AttentionBlock, Maps, bottleneck_width, require_positive
 
 GATES = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -22,12 +23,12 @@ class SqueezeExcite(AttentionBlock):
 
     Args:
         channels: input and output channel count C.
-        reduction: the paper's reduction ratio r; the bottleneck width is exactly ``C // r``.
+        reduction: the paper's reduction ratio r; the bottleneck width is ``C // r``, at least 1.
         bias: biases in both FC layers, as in the official model.
         squeeze: ``avg`` (the paper), ``max``, or ``none``: the paper's NoSqueeze ablation, where
             the two FCs become 1x1 convs applied at full resolution (a gate per position).
         gate: the excitation non-linearity of the paper's ablation: ``sigmoid``, ``relu``, ``tanh``.
-        divisor: round the width to a multiple of this as timm does (1: exactly C // r).
+        divisor: round the width to a multiple of this as timm does (1: C // r, at least 1).
     """
 
     default_position = "standard"
@@ -36,18 +37,15 @@ class SqueezeExcite(AttentionBlock):
                  gate: str = "sigmoid", divisor: int = 1):
         super().__init__()
         require_positive(reduction=reduction, divisor=divisor)
-        hidden = channels // reduction if divisor == 1 else make_divisible(channels / reduction, divisor, round_limit=0.0)
-        if reduction < 1 or hidden < 1:
-            raise ValueError(
-                f"se: reduction={reduction} leaves no hidden units for {channels} channels; "
-                f"use 1 <= reduction <= {channels}"
-            )
+        hidden = (bottleneck_width(channels, reduction) if divisor == 1
+                  else make_divisible(channels / reduction, divisor, round_limit=0.0))
         if squeeze not in ("avg", "max", "none"):
             raise ValueError(f"se: squeeze='{squeeze}' is not valid; use avg, max or none")
         if gate not in GATES:
             raise ValueError(f"se: gate='{gate}' is not valid; use {', '.join(GATES)}")
         self.squeeze = squeeze
         # 1x1 convs rather than Linear so the state dict matches timm's SEModule (fc1/fc2).
+        self.width = hidden  # the effective bottleneck width (scripts/complexity.py lists it)
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=bias)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=bias)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import require_positive, AttentionBlock, Maps
+from models.attention.base import AttentionBlock, Maps, require_positive
 
 
 class SpatialTransformer(AttentionBlock):

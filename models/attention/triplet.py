@@ -10,7 +10,7 @@ spatial gate, which is reused. The three gated tensors are rotated back and aver
 """
 import torch
 
-from models.attention.base import require_positive, AttentionBlock
+from models.attention.base import AttentionBlock, require_positive
 from models.attention.cbam import SpatialGate
 
 

@@ -31,8 +31,5 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, Rank
 def config_message(path: str, message: str) -> str:
     """A module's message about one of its own arguments (``arg=value ...``) as one about the config key
     it came from (``path.arg=value ...``); any other message is prefixed with ``path: ``."""
-    named = message.split(": ", 1)  # a block's "se: gate='foo' ..." names its argument after its own name
-    if len(named) == 2 and named[0].isidentifier() and named[1].split("=", 1)[0].isidentifier() and "=" in named[1]:
-        message = named[1]
     head = message.split("=", 1)[0]
     return f"{path}.{message}" if "=" in message and head.isidentifier() else f"{path}: {message}"

@@ -5,6 +5,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from engine.metrics import submitit_slurm_tasks
 from errors import RankLostError
 
 
@@ -14,7 +15,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600) -> tuple[int,
     ``timeout_s`` bounds how long a collective waits for a rank that has stopped answering; on CUDA
     NCCL's async error handling (on by default) then aborts the collective instead of hanging.
     """
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SUBMITIT_FOLDER" in os.environ:
+    if submitit_slurm_tasks():
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM

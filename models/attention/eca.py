@@ -40,7 +40,7 @@ class ECA(AttentionBlock):
         require_positive(kernel_size=kernel_size)
         k = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, b)
         if k < 1 or k % 2 == 0:
-            raise ValueError(f"eca: kernel_size={k} must be odd and positive")
+            raise ValueError(f"kernel_size={k} must be odd and positive")
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:

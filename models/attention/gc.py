@@ -33,7 +33,7 @@ class GlobalContext(AttentionBlock):
         super().__init__()
         require_positive(reduction=reduction)
         if fusion not in ("add", "mul") or pooling not in ("att", "avg"):
-            raise ValueError(f"gc: fusion='{fusion}', pooling='{pooling}'; use fusion add|mul, pooling att|avg")
+            raise ValueError(f"fusion='{fusion}', pooling='{pooling}'; use fusion add|mul, pooling att|avg")
         hidden = bottleneck_width(channels, reduction)
         self.width = hidden  # the effective bottleneck width (scripts/complexity.py lists it)
         self.fusion, self.pooling = fusion, pooling

@@ -60,7 +60,7 @@ class MultiHeadSelfAttention2d(AttentionBlock):
         self.rel_w = nn.Parameter(torch.randn(2 * max_size - 1, self.dim) * self.dim ** -0.5) if rel_pos else None
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()  # 7 -> 4, like a stride-2 conv
         if stride not in (1, 2):
-            raise ValueError(f"mhsa: stride={stride} is not supported; use 1 or 2")
+            raise ValueError(f"stride={stride} is not supported; use 1 or 2")
 
     def position_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """q (B, heads, HW, d), already scaled -> relative logits (B, heads, HW, HW)."""

@@ -41,7 +41,7 @@ class NonLocal(AttentionBlock):
         super().__init__()
         require_positive(reduction=reduction)
         if mode not in MODES:
-            raise ValueError(f"nonlocal: mode='{mode}' is not valid; use one of {', '.join(MODES)}")
+            raise ValueError(f"mode='{mode}' is not valid; use one of {', '.join(MODES)}")
         inner = channels // reduction
         if inner < 1:
             raise ValueError(f"nonlocal: reduction={reduction} leaves no inner channels for {channels}")

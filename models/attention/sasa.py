@@ -35,7 +35,7 @@ class LocalSelfAttention(AttentionBlock):
         if out_channels % heads or (out_channels // heads) % 2:
             raise ValueError(f"sasa: out_channels={out_channels} must split into {heads} heads of even width")
         if kernel_size % 2 == 0 or stride not in (1, 2):
-            raise ValueError(f"sasa: kernel_size={kernel_size} must be odd and stride={stride} 1 or 2")
+            raise ValueError(f"kernel_size={kernel_size} must be odd and stride={stride} 1 or 2")
         self.k, self.heads, self.dim = kernel_size, heads, out_channels // heads
         self.q = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.kv = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)

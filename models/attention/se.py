@@ -40,9 +40,9 @@ class SqueezeExcite(AttentionBlock):
         hidden = (bottleneck_width(channels, reduction) if divisor == 1
                   else make_divisible(channels / reduction, divisor, round_limit=0.0))
         if squeeze not in ("avg", "max", "none"):
-            raise ValueError(f"se: squeeze='{squeeze}' is not valid; use avg, max or none")
+            raise ValueError(f"squeeze='{squeeze}' is not valid; use avg, max or none")
         if gate not in GATES:
-            raise ValueError(f"se: gate='{gate}' is not valid; use {', '.join(GATES)}")
+            raise ValueError(f"gate='{gate}' is not valid; use {', '.join(GATES)}")
         self.squeeze = squeeze
         # 1x1 convs rather than Linear so the state dict matches timm's SEModule (fc1/fc2).
         self.width = hidden  # the effective bottleneck width (scripts/complexity.py lists it)

@@ -8,7 +8,7 @@ before anything is built. Imports nothing heavy: train.py checks a config before
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -22,7 +22,7 @@ NORMS = ("batch", "group")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "none")
+SCHEDULES = ("cosine", "step", "exponential", "none")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -78,7 +78,7 @@ class OptimConfig:
 class SchedConfig:
     """Learning-rate schedule (timm's scheduler factory), stepped every iteration."""
 
-    name: str = "cosine"  # cosine | step | none
+    name: str = "cosine"  # cosine | step | exponential (lr x decay_rate every epoch) | none
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
@@ -118,6 +118,9 @@ class Config:
     model: Any = MISSING
     attention: Any = MISSING
     attention_extra: List[Any] = field(default_factory=list)
+    # a recipe's own defaults for blocks the user may pick: block_defaults.se.reduction=24 makes
+    # attention=se build at r = 24 under that recipe (the block yamls read them through oc.select)
+    block_defaults: Dict[str, Any] = field(default_factory=dict)
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     sched: SchedConfig = MISSING
@@ -232,8 +235,9 @@ MODEL_RULES: dict[str, Rule] = {
 ATTENTION_RULES: dict[str, Rule] = {
     **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width", "max_depth",
                                      "min_size", "max_size", "hidden", "divisor", "stride")},
-    "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE, "scale": POSITIVE,
-    "gamma": POSITIVE, "b": Rule(_number, "a number"),
+    "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
+    "scale": optional(POSITIVE), "init_std": optional(POSITIVE), "gamma": POSITIVE, "b": Rule(_number, "a number"),
+    "units": optional(list_of(Rule(lambda v: _integer(v) and v != 0, "a non-zero integer (negative: from the end)"))),
     **{key: BOOLEAN for key in ("bias", "spatial", "subsample", "rel_pos", "qkv_bias")},
 }
 
@@ -257,8 +261,11 @@ def check_config(cfg: DictConfig) -> None:
     checks += _group_checks("model.backbone_options", model.get("backbone_options") or {}, MODEL_RULES)  # AG-CNN's
     specs = [("attention", values.get("attention") or {})]
     specs += [(f"attention_extra[{i}]", spec) for i, spec in enumerate(values.get("attention_extra") or [])]
+    per_stage = {key: list_of(rule) for key, rule in ATTENTION_RULES.items()}  # by_stage: one value per stage
     for path, spec in specs:
         checks += _group_checks(path, spec, ATTENTION_RULES)
+        checks += _group_checks(f"{path}.by_stage", spec.get("by_stage") if isinstance(spec, dict) else None,
+                                per_stage)
     for key, value, rule in checks:
         if value is not _ABSENT and not rule.accepts(value):
             raise ConfigError(f"{key}={_show(value)} is not allowed: use {rule.allowed}")

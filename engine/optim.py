@@ -8,7 +8,7 @@ from torch import nn
 from engine.config import OPTIMIZERS, OptimConfig, SchedConfig
 from errors import ConfigError
 
-SCHEDULES = {"cosine": "cosine", "step": "multistep", "none": None}
+SCHEDULES = {"cosine": "cosine", "step": "multistep", "exponential": "step", "none": None}
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -42,6 +42,7 @@ def build_scheduler(
         return None
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=SCHEDULES[cfg.name], num_epochs=epochs, decay_milestones=list(cfg.decay_epochs),
+        decay_epochs=1,  # timm's "step": x decay_rate every epoch (our "exponential")
         decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
     )

@@ -1,8 +1,17 @@
 """Attention specs from config, validated and resolved into a plan that backbones query.
 
 A spec says *which* block (``name`` plus its own hyper-parameters) goes *where*: ``stages``
-(1-based, negative from the end, ``all`` by default), ``position`` (a role name, see ``POSITIONS``) and ``every`` (every
-N-th unit of those stages, counting the N-th, 2N-th, ... as the non-local paper does).
+(1-based, negative from the end, ``all`` by default), ``position`` (a role name, see ``POSITIONS``),
+``every`` (every N-th unit of those stages, counting the N-th, 2N-th, ...) or ``units`` (explicit
+1-based unit numbers within each chosen stage, negative from the stage's end: the non-local paper's
+placements), and ``by_stage`` (per-stage values of the block's own hyper-parameters, one per stage
+of the backbone: ECA-Net50's kernel sizes 3, 5, 5, 7).
+
+``position: default`` puts a *gate* block (SE, CBAM, ECA, GC, CA, SimAM, triplet: ``is_gate = True``)
+where the backbone puts gates (after the depthwise conv on the mobile nets, as the coordinate
+attention paper compares them), or at the block's own ``default_position`` on backbones that leave
+it to the block (the ResNets). Blocks whose paper fixes their place (STN, non-local, MHSA, SASA,
+the heads) always go to their own ``default_position``.
 """
 import dataclasses
 import functools
@@ -24,9 +33,10 @@ POSITIONS = {
     "identity": "on the shortcut",
     "after_spatial": "after the unit's first spatial conv (with its norm and activation)",
     "replace_spatial": "replaces that spatial conv; takes in_channels, out_channels, stride",
+    "spatial_prenorm": "after the unit's last spatial conv, before its norm",
     "stem": "once, after the stem",
 }
-SPEC_KEYS = ("name", "stages", "position", "every")
+SPEC_KEYS = ("name", "stages", "position", "every", "units", "by_stage")
 
 Factory = Callable[..., nn.Module]
 
@@ -42,17 +52,31 @@ class AttentionSpec:
     position: str  # a POSITIONS key, or "default"
     every: int = 1
     where: str = "attention"  # the config key the spec came from
+    units: tuple[int, ...] | None = None  # 1-based unit numbers within each chosen stage; None: by ``every``
+    by_stage: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
-    def factory(self) -> Factory:
-        """A callable taking the backbone's shape arguments and returning a fresh block; a block's
-        ValueError about its own arguments becomes a ConfigError naming the config key."""
-        return functools.partial(_build_block, self)
+    def factory(self, stage: int | None = None) -> Factory:
+        """A callable taking the backbone's shape arguments and returning a fresh block (with stage
+        ``stage``'s ``by_stage`` values); a block's ValueError about its own arguments becomes a
+        ConfigError naming the config key."""
+        kwargs = dict(self.kwargs)
+        if stage is not None:
+            kwargs.update({key: values[stage - 1] for key, values in self.by_stage.items()})
+        return functools.partial(_build_block, self, kwargs)
+
+    def places(self, stage: int, index: int, depth: int) -> bool:
+        """Whether this spec puts a block in unit ``index`` (0-based) of ``stage``, which has ``depth`` units."""
+        if self.stages is not None and stage not in self.stages:
+            return False
+        if self.units is not None:
+            return any(index == (u - 1 if u > 0 else depth + u) for u in self.units)
+        return index % self.every == self.every - 1
 
 
-def _build_block(spec: AttentionSpec, *shape: Any) -> nn.Module:
-    """``spec``'s block for the backbone's ``shape`` arguments."""
+def _build_block(spec: AttentionSpec, kwargs: Mapping[str, Any], *shape: Any) -> nn.Module:
+    """``spec``'s block with hyper-parameters ``kwargs`` for the backbone's ``shape`` arguments."""
     try:
-        return spec.block(*shape, **spec.kwargs)
+        return spec.block(*shape, **kwargs)
     except ConfigError:
         raise
     except ValueError as e:
@@ -84,6 +108,8 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
     stages = raw.pop("stages", "all")
     position = raw.pop("position", "default")
     every = raw.pop("every", 1)
+    units = raw.pop("units", None)
+    by_stage = raw.pop("by_stage", None) or {}
     if name == "none":
         return None
     if name not in ATTENTION_BLOCKS:
@@ -92,7 +118,7 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
         )
     block = ATTENTION_BLOCKS[name]
     hyper = block_hyperparameters(block)
-    unknown = sorted(set(raw) - set(hyper))
+    unknown = sorted(set(raw) - set(hyper)) or sorted(set(by_stage) - set(hyper))
     if unknown:
         raise ConfigError(
             f"{where} ({name}): unknown key(s) {', '.join(unknown)}; "
@@ -105,23 +131,59 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
         )
     if not isinstance(every, int) or every < 1:
         raise ConfigError(f"{where} ({name}): every={every!r} must be an integer >= 1")
-    return AttentionSpec(name, block, raw, _parse_stages(stages, where, name), position, every, where)
+    if units is not None:
+        units = _parse_units(units, where)
+        if every != 1:
+            raise ConfigError(f"{where}.units={list(units)} is not allowed with every={every}: give one of the two")
+    return AttentionSpec(name, block, raw, _parse_stages(stages, where, name), position, every, where, units,
+                         _parse_by_stage(by_stage, where))
+
+
+def _nonzero_numbers(value: Any) -> tuple[int, ...] | None:
+    """An int or a non-empty list of non-zero ints as a tuple (stage or unit numbers); None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v != 0 for v in value
+    ):
+        return None
+    return tuple(value)
+
+
+def _parse_units(units: Any, where: str) -> tuple[int, ...]:
+    """A non-empty list of non-zero unit numbers (1-based, negative from the stage's end) as a tuple."""
+    parsed = _nonzero_numbers(units)
+    if parsed is None:
+        raise ConfigError(
+            f"{where}.units={units!r} is not allowed: use a list of 1-based unit numbers within each chosen "
+            "stage (negative counts from the stage's end: -1 is its last unit)"
+        )
+    return parsed
+
+
+def _parse_by_stage(by_stage: Any, where: str) -> dict[str, tuple[Any, ...]]:
+    """``{hyper-parameter: [one value per stage]}`` with the lists as tuples."""
+    if not isinstance(by_stage, Mapping) or not all(
+        isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0 for v in by_stage.values()
+    ):
+        raise ConfigError(
+            f"{where}.by_stage={by_stage!r} is not allowed: use {{key: [one value per stage]}}, "
+            "e.g. by_stage: {kernel_size: [3, 5, 5, 7]}"
+        )
+    return {key: tuple(values) for key, values in by_stage.items()}
 
 
 def _parse_stages(stages: Any, where: str, name: str) -> tuple[int, ...] | None:
     """Turn ``all``, an int or a list of ints into a tuple of 1-based stage indices."""
     if stages == "all":
         return None
-    if isinstance(stages, int) and not isinstance(stages, bool):
-        stages = [stages]
-    if not isinstance(stages, Sequence) or isinstance(stages, str) or not stages or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s != 0 for s in stages
-    ):
+    parsed = _nonzero_numbers(stages)
+    if parsed is None:
         raise ConfigError(
             f"{where} ({name}): stages={stages!r} must be 'all' or a list of 1-based stage numbers "
             "(negative counts from the end: -1 is the last stage)"
         )
-    return tuple(stages)
+    return parsed
 
 
 def parse_attention_specs(attention: Mapping, extra: Sequence[Mapping] = ()) -> list[AttentionSpec]:
@@ -146,7 +208,8 @@ class AttentionPlan:
         backbone: the backbone's name, for error messages.
         stage_depths: number of units in each stage; stages are 1-based indices into it.
         positions: the positions this backbone's units offer.
-        default_position: where a spec with ``position: default`` goes when its block names none.
+        gate_position: where ``position: default`` puts gate blocks on this backbone; None leaves
+            them at their own ``default_position``.
     """
 
     def __init__(
@@ -155,48 +218,68 @@ class AttentionPlan:
         backbone: str,
         stage_depths: Sequence[int],
         positions: Collection[str],
-        default_position: str = "standard",
+        gate_position: str | None = None,
     ):
-        self.entries: list[tuple[AttentionSpec, str]] = []
-        for spec in specs:
-            position = spec.position
-            if position == "default":
-                position = getattr(spec.block, "default_position", None) or default_position
-            accepted = sorted(set(positions) & set(spec.block.positions))
-            if position not in accepted:
-                raise ConfigError(
-                    f"{spec.where}.position={spec.position} is not allowed: '{spec.name}' cannot go at position "
-                    f"'{position}' on {backbone}; valid positions: {', '.join(accepted)}"
-                )
-            n = len(stage_depths)
-            bad = [s for s in spec.stages or () if not -n <= s <= n]
-            if bad:
-                raise ConfigError(
-                    f"{spec.where}.stages={list(spec.stages)} is not allowed: {backbone} has no stage {bad[0]}; "
-                    f"valid stages: 1..{n}, -{n}..-1 (from the end) or 'all'"
-                )
-            if spec.stages is not None:
-                resolved = tuple(sorted({s if s > 0 else n + 1 + s for s in spec.stages}))
-                spec = dataclasses.replace(spec, stages=resolved)
-            self.entries.append((spec, position))
+        self.stage_depths = tuple(stage_depths)
+        # (spec with resolved stages, its position, whether it sits at the backbone's gate place by default)
+        self.entries = [self._resolve(spec, backbone, positions, gate_position) for spec in specs]
         for stage, depth in enumerate(stage_depths, start=1):
             for index in range(depth):
                 self.unit(stage, index)  # raises now, not halfway through the build
 
-    def unit(self, stage: int, index: int, use_defaults: bool = True) -> dict[str, Factory]:
+    def _resolve(self, spec: AttentionSpec, backbone: str, positions: Collection[str],
+                 gate_position: str | None) -> tuple[AttentionSpec, str, bool]:
+        """``spec`` checked against this backbone, with its stages made positive, and where it goes."""
+        at_gate_place = spec.position == "default" and bool(gate_position) and getattr(spec.block, "is_gate", False)
+        position = spec.position
+        if at_gate_place:
+            position = gate_position
+        elif position == "default":
+            position = getattr(spec.block, "default_position", "standard")
+        accepted = sorted(set(positions) & set(spec.block.positions))
+        if position not in accepted:
+            raise ConfigError(
+                f"{spec.where}.position={spec.position} is not allowed: '{spec.name}' cannot go at position "
+                f"'{position}' on {backbone}; valid positions: {', '.join(accepted)}"
+            )
+        n = len(self.stage_depths)
+        bad = [s for s in spec.stages or () if not -n <= s <= n]
+        if bad:
+            raise ConfigError(
+                f"{spec.where}.stages={list(spec.stages)} is not allowed: {backbone} has no stage {bad[0]}; "
+                f"valid stages: 1..{n}, -{n}..-1 (from the end) or 'all'"
+            )
+        for key, values in spec.by_stage.items():
+            if len(values) != n:
+                raise ConfigError(
+                    f"{spec.where}.by_stage.{key}={list(values)} is not allowed: {backbone} has {n} stages; "
+                    "give one value per stage"
+                )
+        if spec.stages is not None:
+            spec = dataclasses.replace(spec, stages=tuple(sorted({s if s > 0 else n + 1 + s for s in spec.stages})))
+        for stage in spec.stages or range(1, n + 1):
+            depth = self.stage_depths[stage - 1]
+            outside = [u for u in spec.units or () if not -depth <= u <= depth]
+            if outside:
+                raise ConfigError(
+                    f"{spec.where}.units={list(spec.units)} is not allowed: stage {stage} of {backbone} has no "
+                    f"unit {outside[0]}; valid units there: 1..{depth}, -{depth}..-1 (from the stage's end)"
+                )
+        return spec, position, at_gate_place
+
+    def unit(self, stage: int, index: int, gates_by_default: bool = True) -> dict[str, Factory]:
         """Factories by position for unit ``index`` (0-based) of ``stage`` (1-based).
 
-        ``use_defaults=False`` leaves out specs placed by ``position: default``, for units where the
-        paper's default placement has no block (MobileNetV2's unit without expansion).
+        ``gates_by_default=False`` leaves out the gates that ``position: default`` put at the backbone's
+        gate place, for units where the paper's placement has none (MobileNetV2's unit without expansion).
         """
         chosen: dict[str, list[Factory]] = {}
-        for spec, position in self.entries:
-            if position == "stem" or (spec.stages is not None and stage not in spec.stages):
+        depth = self.stage_depths[stage - 1]
+        for spec, position, at_gate_place in self.entries:
+            if position == "stem" or (at_gate_place and not gates_by_default):
                 continue
-            if spec.position == "default" and not use_defaults:
-                continue
-            if index % spec.every == spec.every - 1:
-                chosen.setdefault(position, []).append(spec.factory())
+            if spec.places(stage, index, depth):
+                chosen.setdefault(position, []).append(spec.factory(stage))
         if len(chosen.get("replace_spatial", [])) > 1:
             raise ConfigError(
                 f"stage {stage} unit {index + 1}: two specs replace the same spatial conv; "
@@ -206,5 +289,5 @@ class AttentionPlan:
 
     def stem(self) -> Factory | None:
         """The factory for the block after the stem, if any spec asks for one."""
-        factories = [spec.factory() for spec, position in self.entries if position == "stem"]
+        factories = [spec.factory() for spec, position, _ in self.entries if position == "stem"]
         return _chain(factories) if factories else None

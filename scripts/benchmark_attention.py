@@ -55,8 +55,10 @@ def timm_equivalent(name: str, c: int, size: int) -> nn.Module | None:
 
 
 def ours(name: str, c: int, size: int) -> nn.Module:
-    """Our block with its paper defaults (replace_spatial blocks at stride 1, C -> C)."""
+    """Our block with its paper defaults (replace_spatial blocks at stride 1, C -> C; non-local as timm's)."""
     cls = ATTENTION_BLOCKS[name]
+    if name == "nonlocal":  # what timm's NonLocalAttn computes: no subsampling, logits unscaled
+        return cls(c, subsample=False, scale=1.0)
     if cls is MultiHeadSelfAttention2d:
         return cls(c, c, 1, max_size=size)
     return cls(c, c, 1) if "replace_spatial" in cls.positions else cls(c)

@@ -1,5 +1,7 @@
 """Attention blocks: the contract of every registered block, the papers' widths and parameter counts,
 equality with timm, and what the blocks attend to."""
+import math
+
 import pytest
 import torch
 from timm.layers import EcaModule, SEModule
@@ -122,7 +124,8 @@ def test_block_maps_are_well_formed(name):
     assert bool(maps) == has_maps(block)
     for key, (kind, m) in maps.items():
         assert kind in ("channel", "spatial", "query"), key
-        assert m.shape == ((b, c) if kind == "channel" else (b, h, w)) and torch.isfinite(m).all(), key
+        grid = ((h + 1) // 2, (w + 1) // 2) if kind == "query" and name == "nonlocal" else (h, w)  # x pooled 2x2
+        assert m.shape == ((b, c) if kind == "channel" else (b, *grid)) and torch.isfinite(m).all(), key
         if kind == "channel":
             assert ((m >= 0) & (m <= 1)).all(), key
         if kind == "query":
@@ -176,7 +179,8 @@ def test_block_equals_its_timm_twin(name):
     ("cbam", 64, {"bias": False}), ("cbam", 64, {"spatial": False}), ("cbam", 64, {"kernel_size": 3}),
     ("eca", 256, {}), ("eca", 64, {"kernel_size": 1}),
     ("gc", 64, {"fusion": "mul"}), ("gc", 64, {"pooling": "avg"}),
-    ("nonlocal", 64, {"reduction": 8, "scale": 64 ** -0.5}),  # timm's width and scale
+    ("nonlocal", 64, {"reduction": 8, "scale": 64 ** -0.5, "subsample": False}),  # timm's width and scale
+    ("nonlocal", 64, {"scale": 1.0, "subsample": False}),  # the paper's equation
 ], ids=str)
 def test_block_variant_equals_its_timm_twin(name, channels, kwargs):
     assert_equals_its_twin(make_block(name, channels, **kwargs), channels)
@@ -410,9 +414,13 @@ def test_non_local_macs_count_its_attention_matmuls():
     c, h, w = 32, 6, 5
     n, inner = h * w, c // 2
     convs = 3 * (c * inner * n) + inner * c * n
-    assert count_macs(NonLocal(c), (c, h, w)) == convs + 2 * n * n * inner
+    assert count_macs(NonLocal(c, subsample=False), (c, h, w)) == convs + 2 * n * n * inner
     # dot: phi^T g (C/2 x C/2), then theta times it: linear in N
-    assert count_macs(NonLocal(c, mode="dot"), (c, h, w)) == convs + 2 * n * inner * inner
+    assert count_macs(NonLocal(c, mode="dot", subsample=False), (c, h, w)) == convs + 2 * n * inner * inner
+    # the released code's default: phi and g on the 2x2-pooled map (ceil mode), M = 3 x 3 keys
+    m = math.ceil(h / 2) * math.ceil(w / 2)
+    pooled_convs = c * inner * n + 2 * (c * inner * m) + inner * c * n
+    assert count_macs(NonLocal(c), (c, h, w)) == pooled_convs + 2 * n * m * inner
 
 
 def test_simam_is_parameter_free_and_follows_its_energy():
@@ -457,8 +465,11 @@ def test_non_local_query_map_is_the_row_of_its_attention_matrix():
     block = NonLocal(16)
     x = torch.randn(1, 16, 5, 6)
     weights = attention_maps(block, x, query=(0.5, 0.5))["query attention"][1]  # row 2, column 3
-    theta, phi = block.theta(x).flatten(2)[0], block.phi(x).flatten(2)[0]  # C', N
-    full = torch.softmax(theta.t() @ phi * block.scale, dim=1)  # N x N, built independently
+    assert weights.shape == (1, 3, 3)  # the keys: x max-pooled 2x2 (ceil mode) before phi
+    pooled = torch.nn.functional.max_pool2d(x, 2, ceil_mode=True)
+    theta, phi = block.theta(x).flatten(2)[0], block.phi(pooled).flatten(2)[0]  # C', N and C', M
+    assert block.scale == pytest.approx(8 ** -0.5)  # the released code's d^-1/2, d = C / 2
+    full = torch.softmax(theta.t() @ phi * block.scale, dim=1)  # N x M, built independently
     torch.testing.assert_close(weights.flatten(), full[2 * 6 + 3])
 
 
@@ -466,7 +477,7 @@ def test_non_local_query_map_is_the_row_of_its_attention_matrix():
 def test_non_local_normalised_maps_divide_by_the_key_count(mode):
     """``dot`` and ``concat`` weigh by f / N: the query's row, batch by batch."""
     torch.manual_seed(0)
-    block = NonLocal(16, mode=mode)
+    block = NonLocal(16, mode=mode, subsample=False)
     x = torch.randn(2, 16, 4, 5)
     weights = attention_maps(block, x, query=(0.0, 0.0))["query attention"][1]  # B, 4, 5
     theta, phi = block.theta(x).flatten(2), block.phi(x).flatten(2)  # B, C', N
@@ -485,7 +496,7 @@ def test_query_maps_are_where_the_block_looks(name):
     block = make_block(name, 32).eval()
     x = torch.randn(2, 32, 9, 9)
     (kind, weights), = attention_maps(block, x, query=(0.5, 0.5)).values()  # row 4, column 4
-    assert kind == "query" and weights.shape == (2, 9, 9)
+    assert kind == "query" and weights.shape == ((2, 5, 5) if name == "nonlocal" else (2, 9, 9))
     rows, cols = (weights[0] > 0).nonzero(as_tuple=True)
     if name == "criss_cross":  # its row and its column only
         assert ((rows == 4) | (cols == 4)).all()
@@ -494,7 +505,7 @@ def test_query_maps_are_where_the_block_looks(name):
         assert rows.max() - rows.min() < k and cols.max() - cols.min() < k
         assert rows.min() <= 4 <= rows.max() and cols.min() <= 4 <= cols.max()
     else:
-        assert len(rows) > 9  # beyond any local window
+        assert len(rows) > 9  # beyond any local window (non-local: its 25 pooled keys)
 
 
 def test_blocks_with_maps_are_the_models_blocks_that_have_them():

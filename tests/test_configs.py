@@ -92,7 +92,7 @@ def test_unknown_key_override_is_an_error(override):
 
 def test_added_attention_key_fails_at_build_with_the_valid_keys():
     cfg = compose_config("+attention.ratio=4")
-    with pytest.raises(ConfigError, match="unknown key\\(s\\) ratio; valid keys: name, stages, position, every, reduction, bias, squeeze, gate, divisor"):
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) ratio; valid keys: name, stages, position, every, units, by_stage, reduction, bias, squeeze, gate, divisor"):
         build_model(cfg.model, cfg.attention, num_classes=10)
 
 
@@ -146,6 +146,10 @@ BAD_PAIRS = {"model.width_mult": ("model=mobilenetv2", "model.width_mult=0"),
              "attention.kernel_size": ("attention=cbam", "attention.kernel_size=0"),
              "attention.heads": ("attention=mhsa", "attention.heads=0"),
              "attention.gamma": ("attention=eca", "attention.gamma=0"),
+             "attention.units": ("attention=nonlocal", "attention.every=1", "+attention.units=[0]"),
+             "attention.by_stage.kernel_size": ("attention=eca", "+attention.by_stage={kernel_size:[0,3,3]}"),
+             "attention.scale": ("attention=nonlocal", "attention.scale=0"),
+             "attention.init_std": ("attention=nonlocal", "attention.init_std=-1"),
              "sched.warmup_epochs": ("sched.warmup_epochs=20", "trainer.epochs=10"),
              "trainer.eval_only": ("trainer.eval_only=true",),
              "trainer.amp": ("trainer.amp=fp16", "trainer.device=cpu")}

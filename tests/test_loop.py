@@ -55,6 +55,18 @@ def test_step_schedule_decays_at_the_milestones():
     assert lr_at == pytest.approx({0: 0.1, 1: 0.1, 2: 0.01, 3: 0.001})
 
 
+def test_exponential_schedule_multiplies_the_lr_after_every_epoch():
+    opt = build_optimizer(nn.Linear(2, 2), compose_config("optim.lr=0.045").optim)
+    cfg = compose_config("sched=exponential").sched  # the MobileNet recipes' 0.98
+    sched = build_scheduler(opt, cfg, epochs=4, steps_per_epoch=5)
+    lrs = []
+    for step in range(20):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.045 * cfg.decay_rate ** (step // 5) for step in range(20)])
+    assert cfg.decay_rate == 0.98
+
+
 def test_unknown_optimizer_schedule_and_amp_list_valid_names():
     with pytest.raises(ConfigError, match="valid names: sgd, adamw"):
         build_optimizer(nn.Linear(1, 1), compose_config("optim.name=lamb").optim)

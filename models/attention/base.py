@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 # A block at one of these maps a (B, C, H, W) feature map to one of the same shape.
-MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "stem"})
+MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "spatial_prenorm", "stem"})
 # A block here replaces a unit's spatial conv: it takes (in_channels, out_channels, stride) like the conv.
 SPATIAL_POSITIONS = frozenset({"replace_spatial"})
 
@@ -33,12 +33,14 @@ def query_index(h: int, w: int, query: tuple[float, float]) -> tuple[int, int]:
 class AttentionBlock(nn.Module):
     """Base of the registered blocks: placement, paper init, maps and the timm twin, each with a default.
 
-    Subclasses set ``default_position`` (where ``position: default`` puts it; None leaves it to the
-    backbone) and, when they replace a spatial conv, ``positions = SPATIAL_POSITIONS``.
+    Subclasses set ``default_position`` (where ``position: default`` puts them), ``is_gate = True`` for
+    a gate (a block that rescales its input, placed where the backbone puts gates when it has such a
+    place: see ``models.placement``) and, when they replace a spatial conv, ``positions = SPATIAL_POSITIONS``.
     """
 
     positions: frozenset[str] = MAP_POSITIONS
-    default_position: str | None = "standard"
+    default_position: str = "standard"
+    is_gate: bool = False
 
     def init_weights(self) -> None:
         """Re-apply the paper's own init of this block (backbones call it after their init loop); none here."""

@@ -5,7 +5,7 @@ https://arxiv.org/abs/1807.06521 . Reference code: https://github.com/Jongchan/a
 
 As the official code: the channel MLP (C -> C/r -> C, with biases) is shared by the average- and
 max-pooled descriptors and their outputs are summed before the sigmoid; the spatial gate is a
-7x7 conv (no bias) + BN over the channel-wise (max, mean) maps. timm's ``CbamModule`` differs:
+7x7 conv (no bias) + BN (momentum 0.01) over the channel-wise (max, mean) maps. timm's ``CbamModule`` differs:
 no MLP biases by default (``bias=False`` here gives that) and (mean, max) channel order (a
 permutation of the 7x7 kernel's two input channels, so no option is needed; ``timm_twin`` swaps them).
 """
@@ -46,7 +46,7 @@ class SpatialGate(nn.Module):
         super().__init__()
         require_positive(kernel_size=kernel_size)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)  # the official BasicConv's (torch's default is 0.1)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> spatial weights (B, 1, H, W) in (0, 1)."""
@@ -72,6 +72,7 @@ class CBAM(AttentionBlock):
     """
 
     default_position = "standard"
+    is_gate = True
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, bias: bool = True,
                  spatial: bool = True):

@@ -24,7 +24,8 @@ class CoordAttention(AttentionBlock):
         min_width: the floor on the hidden width (8 in the paper).
     """
 
-    default_position = None  # the backbone's: after the block's depthwise conv on mobile networks
+    default_position = "standard"  # on the ResNets; the mobile nets put gates after the depthwise conv
+    is_gate = True
 
     def __init__(self, channels: int, reduction: int = 32, min_width: int = 8):
         super().__init__()

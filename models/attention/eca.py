@@ -4,8 +4,10 @@ Paper: "ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Netwo
 Zhu, Li, Zuo, Hu, CVPR 2020. https://arxiv.org/abs/1910.03151 . Reference code:
 https://github.com/BangguWu/ECANet
 
-The kernel size follows the paper's formula k = |(log2 C + b) / gamma| rounded to the nearest odd
-number (gamma=2, b=1), or is fixed by ``kernel_size`` (the official ECA-ResNets fix k=3). timm's
+The kernel size follows the paper's formula k = |(log2 C + b) / gamma| made odd (gamma=2, b=1), or is
+fixed by ``kernel_size``. The official module takes k as given and has no adaptive rule: its trained
+ECA-Net50 uses k = 3, 5, 5, 7 by stage (``by_stage`` in the spec; the formula gives 5, 5, 5, 7) and its
+ECA-MobileNetV2 k = 1 below 96 channels, else 3 (``experiment=eca_mobilenetv2_imagenet``). timm's
 ``EcaModule`` never goes below k=3 when it picks k from C; here small C may give k=1 as the formula
 says (``timm_twin`` passes timm the kernel size itself, so every k has a twin).
 """
@@ -34,6 +36,7 @@ class ECA(AttentionBlock):
     """
 
     default_position = "standard"
+    is_gate = True
 
     def __init__(self, channels: int, kernel_size: int | None = None, gamma: float = 2, b: float = 1):
         super().__init__()

@@ -28,6 +28,7 @@ class GlobalContext(AttentionBlock):
     """
 
     default_position = "standard"
+    is_gate = True
 
     def __init__(self, channels: int, reduction: int = 16, fusion: str = "add", pooling: str = "att"):
         super().__init__()

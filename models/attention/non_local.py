@@ -4,15 +4,24 @@ Paper: "Non-local Neural Networks", Wang, Girshick, Gupta, He, CVPR 2018.
 https://arxiv.org/abs/1711.07971 . Reference code: https://github.com/facebookresearch/video-nonlocal-net
 
 z = x + BN(W y), y_i = sum_j f(x_i, x_j) g(x_j) / C(x), with theta, phi, g and W 1x1 convs (with
-biases), inner width C / 2, optional 2x2 max-pool subsampling of phi and g, and the BN's gamma
-initialised to zero so the block starts as the identity. Pairwise functions: ``embedded_gaussian``
-(softmax of theta^T phi), ``gaussian`` (softmax of x^T x), ``dot`` (theta^T phi / N) and ``concat``
-(ReLU(w^T [theta_i, phi_j]) / N). The softmax forms run through ``scaled_dot_product_attention``
-with the paper's scale of 1 (memory linear in H*W where a fused kernel applies); ``dot`` uses the
-associativity theta (phi^T g) / N, also linear. timm's ``NonLocalAttn`` differs: inner width C / 8
-rounded to 8, logits scaled by C^-1/2 (``scale=C**-0.5`` here), no subsampling, embedded Gaussian
-only; ``timm_twin`` gives it for that mode at scale 1 or C^-1/2 without subsampling, any width.
+biases) and inner width d = C / 2. Pairwise functions: ``embedded_gaussian`` (softmax of
+theta^T phi), ``gaussian`` (softmax of x^T x), ``dot`` (theta^T phi / N) and ``concat``
+(ReLU(w^T [theta_i, phi_j]) / N).
+
+Defaults are the released code's (``lib/core/config.py`` of video-nonlocal-net: USE_SCALE,
+USE_MAXPOOL, CONV_INIT_STD = 0.01, BN_INIT_GAMMA = 0), which the paper's equations leave out:
+softmax logits scaled by d^-1/2; x max-pooled 2x2 before phi and g (theta sees every position);
+theta, phi, g and W initialised N(0, 0.01) with zero biases; the BN's gamma (and beta) at zero, so
+the block starts as the identity. ``scale=1.0 subsample=false`` is the equation as written.
+
+The softmax forms run through ``scaled_dot_product_attention`` (memory linear in H*W where a fused
+kernel applies); ``dot`` uses the associativity theta (phi^T g) / N, also linear. timm's
+``NonLocalAttn`` differs: inner width C / 8 rounded to 8, logits scaled by C^-1/2, no subsampling,
+embedded Gaussian only; ``timm_twin`` gives it for that mode at scale 1 or C^-1/2 without
+subsampling, any width.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from timm.layers import NonLocalAttn
@@ -29,15 +38,17 @@ class NonLocal(AttentionBlock):
     Args:
         channels: input and output channel count C.
         mode: the pairwise function, one of ``MODES``.
-        reduction: inner width is C // reduction (2 in the paper).
-        subsample: 2x2 max-pool phi and g (the paper's cheaper variant).
-        scale: factor on the softmax logits (1.0 in the paper).
+        reduction: inner width is d = C // reduction (2 in the paper).
+        subsample: 2x2 max-pool x before phi and g (the released code; the paper's cheaper variant).
+        scale: factor on the softmax logits; None is the released code's d^-1/2 (1.0: the paper's equation).
+        init_std: theta, phi, g and W start N(0, init_std) with zero biases (0.01, the released code's);
+            None keeps PyTorch's default conv init.
     """
 
     default_position = "post"
 
     def __init__(self, channels: int, mode: str = "embedded_gaussian", reduction: int = 2,
-                 subsample: bool = False, scale: float = 1.0):
+                 subsample: bool = True, scale: float | None = None, init_std: float | None = 0.01):
         super().__init__()
         require_positive(reduction=reduction)
         if mode not in MODES:
@@ -45,18 +56,29 @@ class NonLocal(AttentionBlock):
         inner = channels // reduction
         if inner < 1:
             raise ValueError(f"nonlocal: reduction={reduction} leaves no inner channels for {channels}")
-        self.mode, self.scale = mode, scale
+        self.mode = mode
+        self.scale = scale if scale is not None else 1 / math.sqrt(inner)
+        self.init_std = init_std
         self.theta = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
         self.phi = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
         self.g = nn.Conv2d(channels, inner, 1)
         self.concat_project = nn.Conv2d(2 * inner, 1, 1, bias=False) if mode == "concat" else None
-        self.pool = nn.MaxPool2d(2) if subsample else nn.Identity()
+        # ceil mode: an odd map keeps its last row and column, a 1x1 map stays 1x1 (the paper's even
+        # ResNet-50 maps pool as the released code's)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True) if subsample else nn.Identity()
         self.W = nn.Conv2d(inner, channels, 1)
         self.bn = nn.BatchNorm2d(channels)
         self.init_weights()
 
     def init_weights(self) -> None:
-        """BN gamma and beta at zero: the block is the identity at initialisation."""
+        """The released code's init: convs N(0, init_std) with zero biases; BN gamma and beta at zero, so
+        the block is the identity at initialisation."""
+        if self.init_std is not None:
+            for conv in (self.theta, self.phi, self.g, self.W, self.concat_project):
+                if conv is not None:
+                    nn.init.normal_(conv.weight, 0, self.init_std)
+                    if conv.bias is not None:
+                        nn.init.zeros_(conv.bias)
         nn.init.zeros_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
@@ -65,13 +87,14 @@ class NonLocal(AttentionBlock):
 
         ``gaussian`` has no embedding: its queries and keys are x itself (C channels).
         """
-        g = self.pool(self.g(x)).flatten(2).transpose(1, 2)  # B, M, C'
+        pooled = self.pool(x)  # the released code pools x, then embeds: phi and g see the pooled map
+        g = self.g(pooled).flatten(2).transpose(1, 2)  # B, M, C'
         if self.mode == "gaussian":
             q = x.flatten(2).transpose(1, 2)  # B, N, C
-            k = self.pool(x).flatten(2).transpose(1, 2)  # B, M, C
+            k = pooled.flatten(2).transpose(1, 2)  # B, M, C
         else:
             q = self.theta(x).flatten(2).transpose(1, 2)  # B, N, C'
-            k = self.pool(self.phi(x)).flatten(2).transpose(1, 2)  # B, M, C'
+            k = self.phi(pooled).flatten(2).transpose(1, 2)  # B, M, C'
         return q, k, g
 
     def _concat_relation(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ class SqueezeExcite(AttentionBlock):
     """
 
     default_position = "standard"
+    is_gate = True
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True, squeeze: str = "avg",
                  gate: str = "sigmoid", divisor: int = 1):

@@ -5,7 +5,9 @@ Zhang, Li, Xie, ICML 2021. http://proceedings.mlr.press/v139/yang21o.html . Refe
 https://github.com/ZjjConan/SimAM
 
 Each activation's inverse minimal energy, (x - mu)^2 / (4 (sigma^2 + lambda)) + 1/2 with the
-channel's spatial mean mu and variance sigma^2 (over n = HW - 1), gates it through a sigmoid.
+channel's spatial mean mu and variance sigma^2 (over n = HW - 1), gates it through a sigmoid. The
+official ResNets apply it after conv2, before bn2 (``spatial_prenorm``, its default there); the
+official training scripts set lambda on the command line (0.1 in the README's ImageNet commands).
 """
 import torch
 
@@ -20,7 +22,8 @@ class SimAM(AttentionBlock):
         e_lambda: the energy's regulariser lambda (1e-4 in the paper).
     """
 
-    default_position = "standard"
+    default_position = "spatial_prenorm"  # the official code: after conv2, before bn2
+    is_gate = True
 
     def __init__(self, channels: int, e_lambda: float = 1e-4):
         super().__init__()

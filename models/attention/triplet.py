@@ -9,6 +9,7 @@ mean, in that order as the official code), and gates with sigmoid(BN(conv7x7)): 
 spatial gate, which is reused. The three gated tensors are rotated back and averaged.
 """
 import torch
+from torch import nn
 
 from models.attention.base import AttentionBlock, require_positive
 from models.attention.cbam import SpatialGate
@@ -24,6 +25,7 @@ class TripletAttention(AttentionBlock):
     """
 
     default_position = "standard"
+    is_gate = True
 
     def __init__(self, channels: int, kernel_size: int = 7, spatial: bool = True):
         super().__init__()
@@ -31,6 +33,16 @@ class TripletAttention(AttentionBlock):
         self.ch = SpatialGate(kernel_size)  # H plays the channel role: C-W interaction
         self.cw = SpatialGate(kernel_size)  # W plays the channel role: C-H interaction
         self.hw = SpatialGate(kernel_size) if spatial else None
+
+    def init_weights(self) -> None:
+        """The official ResNets' init (``MODELS/resnet.py``): BN scales named ``SpatialGate``, which is only
+        the H-W branch, start at 0 (that branch is a uniform 0.5 gate at first); the C-H and C-W
+        branches' stay at 1. All BN shifts start at 0."""
+        for gate in (self.ch, self.cw, self.hw):
+            if gate is not None:
+                nn.init.zeros_(gate.bn.bias)
+        if self.hw is not None:
+            nn.init.zeros_(self.hw.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""

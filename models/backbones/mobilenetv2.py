@@ -26,7 +26,7 @@ class InvertedResidual(nn.Module):
     """1x1 expand (if t > 1) -> 3x3 depthwise -> 1x1 linear projection, with a shortcut when shapes allow.
 
     Positions: ``pre``, ``after_spatial`` (after the depthwise conv's ReLU6), ``replace_spatial``
-    (the depthwise conv), ``standard`` (after the projection's BN), ``identity`` (only on units with a
+    (the depthwise conv), ``spatial_prenorm`` (between the depthwise conv and its BN), ``standard`` (after the projection's BN), ``identity`` (only on units with a
     shortcut), ``post`` (the unit's output: after the add where there is one; MobileNetV2 has no
     activation after it).
     """
@@ -43,6 +43,7 @@ class InvertedResidual(nn.Module):
         depthwise = slots.spatial(hidden, hidden, stride,
                                   lambda: nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False))
         self.depthwise = nn.Sequential(depthwise, nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True))
+        self.attn_spatial_prenorm = slots.at("spatial_prenorm", hidden)
         self.attn_after_spatial = slots.at("after_spatial", hidden)
         self.project = nn.Sequential(nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
         self.attn_standard = slots.at("standard", out_channels)
@@ -51,8 +52,9 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
-        out = self.attn_pre(x)
-        out = self.attn_after_spatial(self.depthwise(self.expand(out)))
+        out = self.expand(self.attn_pre(x))
+        conv, norm, act = self.depthwise  # spatial_prenorm sits between the conv and its norm
+        out = self.attn_after_spatial(act(norm(self.attn_spatial_prenorm(conv(out)))))
         out = self.attn_standard(self.project(out))
         if self.use_shortcut:
             out = out + self.attn_identity(x)
@@ -64,8 +66,9 @@ class MobileNetV2(PooledBackbone):
 
     Args:
         num_classes: size of the linear head.
-        attention: parsed attention specs; ``position: default`` means after the depthwise conv of
-            every unit with expansion > 1 (the coordinate-attention paper's placement).
+        attention: parsed attention specs; ``position: default`` puts gates after the depthwise conv of
+            every unit with expansion > 1 (the coordinate attention code's placement); other blocks
+            go to their own default.
         width_mult: channel multiplier (1.4, 1.0, 0.75, 0.5, 0.35 in the paper).
         stem: ``imagenet`` (stride-2 first conv) or ``cifar`` (stride 1, and stride 1 in row 2).
         dropout: before the classifier (0.2 as torchvision).
@@ -77,18 +80,18 @@ class MobileNetV2(PooledBackbone):
         super().__init__()
         check_stem(stem)
         plan = AttentionPlan(attention, "mobilenetv2", [n for _, _, n, _ in ROWS], positions=POSITIONS,
-                             default_position="after_spatial")
+                             gate_position="after_spatial")
         channels = make_divisible(32 * width_mult, 8)
         self.stem = conv_bn_relu6(in_chans, channels, 3, 2 if stem == "imagenet" else 1)
         self.attn_stem = stem_slot(plan.stem(), channels)
 
         def make_unit(s: int, i: int, in_channels: int) -> nn.Module:
-            """Unit i of row s; the paper's placement skips the t = 1 unit, which has no expansion to recalibrate."""
+            """Unit i of row s; the CA code's gate placement skips the t = 1 unit, which has no expansion to recalibrate."""
             t, c, _, first_stride = ROWS[s - 1]
             if stem == "cifar" and s == 2:
                 first_stride = 1  # 32x32 inputs: keep four halvings, ending at 4x4
             return InvertedResidual(in_channels, make_divisible(c * width_mult, 8), first_stride if i == 0 else 1,
-                                    t, plan.unit(s, i, use_defaults=t > 1))
+                                    t, plan.unit(s, i, gates_by_default=t > 1))
 
         stages, _, channels = build_stages([n for _, _, n, _ in ROWS], channels, make_unit)
         self.stages = nn.ModuleList(stages)

@@ -35,9 +35,10 @@ class SandGlass(nn.Module):
     strides. A unit with neither is two 1x1 convs.
 
     Positions: ``pre``; ``after_spatial`` after the first depthwise conv where the unit has one,
-    else after the last one, else after the expansion (the coordinate-attention paper's placement;
-    its released code puts the block on the unit's input when there is no first depthwise conv);
-    ``replace_spatial`` the last depthwise conv (units without one have nothing to replace);
+    else after the last one, else after the expansion (the coordinate attention README's advice is
+    "after the first depthwise conv"; no MobileNeXt + CA code is public);
+    ``replace_spatial`` the last depthwise conv and ``spatial_prenorm`` between it and its BN (units
+    without one have nothing there);
     ``standard`` at the end of the branch; ``identity`` on units with a shortcut; ``post`` on the
     unit's output (after the add where there is one).
 
@@ -70,6 +71,7 @@ class SandGlass(nn.Module):
             self.dw2 = nn.Sequential(depthwise, nn.BatchNorm2d(out_channels))  # linear: no activation
         else:
             self.dw2 = nn.Identity()
+        self.attn_spatial_prenorm = slots.at("spatial_prenorm", out_channels) if last_dw else nn.Identity()
         # without a first depthwise conv the after_spatial block moves to the end of the branch
         self.attn_after_last = nn.Identity() if first_dw else slots.at("after_spatial", out_channels)
         self.attn_standard = slots.at("standard", out_channels)
@@ -79,7 +81,11 @@ class SandGlass(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
         out = self.attn_after_spatial(self.dw1(self.attn_pre(x)))
-        out = self.attn_after_last(self.dw2(self.expand(self.reduce(out))))
+        out = self.expand(self.reduce(out))
+        if isinstance(self.dw2, nn.Sequential):  # spatial_prenorm sits between the last depthwise conv and its BN
+            conv, norm = self.dw2
+            out = norm(self.attn_spatial_prenorm(conv(out)))
+        out = self.attn_after_last(out)
         out = self.attn_standard(out)
         if not self.use_shortcut:
             return self.attn_post(out)
@@ -97,7 +103,8 @@ class MobileNeXt(PooledBackbone):
 
     Args:
         num_classes: size of the linear head.
-        attention: parsed attention specs; ``position: default`` means ``after_spatial`` of every unit.
+        attention: parsed attention specs; ``position: default`` puts gates ``after_spatial`` in every
+            unit; other blocks go to their own default.
         width_mult: channel multiplier (1.4, 1.0, 0.75, 0.5, 0.35 in the paper).
         identity_mult: the identity tensor multiplier of every unit (the paper's Table 6: 1.0 or 0.5).
         stem: ``imagenet`` (stride-2 stem) or ``cifar`` (stride 1, and stride 1 in row 1).
@@ -112,7 +119,7 @@ class MobileNeXt(PooledBackbone):
         if not 0 < identity_mult <= 1:
             raise ValueError(f"identity_mult={identity_mult} must be in (0, 1]")
         plan = AttentionPlan(attention, "mobilenext", [b for _, _, b, _ in ROWS], positions=POSITIONS,
-                             default_position="after_spatial")
+                             gate_position="after_spatial")
         channels = make_divisible(32 * width_mult, 8)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), 8)
         self.stem = conv_bn_relu6(in_chans, channels, 3, 2 if stem == "imagenet" else 1)

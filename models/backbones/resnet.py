@@ -67,6 +67,7 @@ class BasicBlock(nn.Module):
         self.bn1 = norm_layer(channels)
         self.attn_after_spatial = slots.at("after_spatial", channels)
         self.conv2 = conv3x3(channels, channels)
+        self.attn_spatial_prenorm = slots.at("spatial_prenorm", channels)
         self.bn2 = norm_layer(channels)
         self.attn_standard = slots.at("standard", out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
@@ -84,7 +85,7 @@ class BasicBlock(nn.Module):
         out = self.attn_pre(x)
         out = self.relu(self.bn1(self.conv1(out)))
         out = self.attn_after_spatial(out)
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.attn_spatial_prenorm(self.conv2(out)))
         out = self.attn_standard(out)
         return self.attn_post(self.relu(out + shortcut))
 
@@ -116,6 +117,7 @@ class Bottleneck(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, channels, 1, stride=stride_1x1, bias=False)
         self.bn1 = norm_layer(channels)
         self.conv2 = slots.spatial(channels, channels, stride_3x3, lambda: conv3x3(channels, channels, stride_3x3))
+        self.attn_spatial_prenorm = slots.at("spatial_prenorm", channels)
         self.bn2 = norm_layer(channels)
         self.attn_after_spatial = slots.at("after_spatial", channels)
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
@@ -135,7 +137,7 @@ class Bottleneck(nn.Module):
         shortcut = self.attn_identity(self.downsample(x))
         out = self.attn_pre(x)
         out = self.relu(self.bn1(self.conv1(out)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn2(self.attn_spatial_prenorm(self.conv2(out))))
         out = self.attn_after_spatial(out)
         out = self.bn3(self.conv3(out))
         out = self.attn_standard(out)
@@ -204,7 +206,7 @@ class ResNet(PooledBackbone):
         if shortcut not in ("projection", "pad"):
             raise ValueError(f"shortcut='{shortcut}' is not valid; use projection or pad")
         norm_layer = norm_factory(norm, norm_groups)
-        plan = AttentionPlan(attention, name, depths, positions=POSITIONS, default_position="standard")
+        plan = AttentionPlan(attention, name, depths, positions=POSITIONS)
         # torchvision's names (conv1, bn1, relu, maxpool) keep state dicts interchangeable.
         self.conv1, self.maxpool = _stem(stem, in_chans, widths[0])
         self.bn1 = norm_layer(widths[0])

@@ -243,7 +243,7 @@ class VOLO(Backbone):
         patch = 8 if stem == "imagenet" else 2
         if img_size % (patch * 2):
             raise ValueError(f"img_size={img_size} must be a multiple of {patch * 2} for the {stem} stem")
-        plan = AttentionPlan(attention, name, layers, positions=VOLO_POSITIONS, default_position="post")
+        plan = AttentionPlan(attention, name, layers, positions=VOLO_POSITIONS, gate_position="standard")
         self.patch_embed = PatchEmbed(in_chans, stem_hidden_dim, embed_dims[0], 2 if stem == "imagenet" else 1,
                                       patch // 2 if stem == "imagenet" else patch)
         self.attn_stem = stem_slot(plan.stem(), embed_dims[0], tokens=True)

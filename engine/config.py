@@ -6,6 +6,7 @@ here, their names, positions and stages by ``models.build_model`` against the co
 before anything is built. Imports nothing heavy: train.py checks a config before torch is loaded.
 """
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -158,6 +159,7 @@ NON_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number >= 0")
 PROBABILITY = Rule(lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
 BELOW_ONE = Rule(lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")  # [0, 1): momentum, decays
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
+NON_ZERO_INT = Rule(lambda v: _integer(v) and v != 0, "a non-zero integer")
 
 
 def one_of(names: tuple[str, ...]) -> Rule:
@@ -237,7 +239,9 @@ ATTENTION_RULES: dict[str, Rule] = {
                                      "min_size", "max_size", "hidden", "divisor", "stride")},
     "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
     "scale": optional(POSITIVE), "init_std": optional(POSITIVE), "gamma": POSITIVE, "b": Rule(_number, "a number"),
-    "units": optional(list_of(Rule(lambda v: _integer(v) and v != 0, "a non-zero integer (negative: from the end)"))),
+    "units": Rule(lambda v: v is None or (_integer(v) and v != 0) or list_of(NON_ZERO_INT).accepts(v),
+                  "a non-zero integer or a list of them (negative: from the stage's end), or null"),
+    "by_stage": Rule(lambda v: v is None or isinstance(v, dict), "a mapping {key: [one value per stage]}, or null"),
     **{key: BOOLEAN for key in ("bias", "spatial", "subsample", "rel_pos", "qkv_bias")},
 }
 
@@ -255,7 +259,8 @@ JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed, the value and what is allowed."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    checks = [(key, _lookup(values, key), rule) for key, rule in RULES.items()]
+    checks = _block_defaults_checks(cfg, values)  # first: a bad default shows under the key the recipe set
+    checks += [(key, _lookup(values, key), rule) for key, rule in RULES.items()]
     model = values.get("model") or {}
     checks += _group_checks("model", model, MODEL_RULES)
     checks += _group_checks("model.backbone_options", model.get("backbone_options") or {}, MODEL_RULES)  # AG-CNN's
@@ -277,6 +282,29 @@ def check_config(cfg: DictConfig) -> None:
 
 
 _ABSENT = object()  # a key the config does not have (None is a value: null)
+
+
+def _block_defaults_checks(cfg: DictConfig, values: dict) -> list[tuple[str, Any, Rule]]:
+    """The value checks of ``block_defaults``; raise ConfigError for a default the chosen block's
+    config does not read (a misspelt key would otherwise change nothing, silently)."""
+    defaults = values.get("block_defaults") or {}
+    bad = [name for name, keys in defaults.items() if not isinstance(keys, dict)]
+    if bad:
+        raise ConfigError(f"block_defaults.{bad[0]}={_show(defaults[bad[0]])} is not allowed: use a mapping of "
+                          f"that block's hyper-parameters, e.g. block_defaults.se={{reduction:24}}")
+    name = (values.get("attention") or {}).get("name")
+    if name in defaults and isinstance(cfg.get("attention"), DictConfig):
+        unresolved = " ".join(str(v) for v in OmegaConf.to_container(cfg.attention, resolve=False).values())
+        read = re.findall(rf"block_defaults\.{re.escape(name)}\.(\w+)", unresolved)
+        for key, value in defaults[name].items():
+            if key not in read:
+                raise ConfigError(
+                    f"block_defaults.{name}.{key}={_show(value)} is not allowed: attention={name} reads "
+                    f"{', '.join(f'block_defaults.{name}.{k}' for k in read) or 'no block_defaults'} only; "
+                    "correct the key, or set the block's value as attention.<key>=..."
+                )
+    return [(f"block_defaults.{name}.{key}", value, ATTENTION_RULES[key])
+            for name, keys in defaults.items() for key, value in keys.items() if key in ATTENTION_RULES]
 
 
 def _lookup(values: dict, dotted: str) -> Any:

@@ -56,9 +56,10 @@ class AttentionSpec:
     by_stage: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
     def factory(self, stage: int | None = None) -> Factory:
-        """A callable taking the backbone's shape arguments and returning a fresh block (with stage
-        ``stage``'s ``by_stage`` values); a block's ValueError about its own arguments becomes a
-        ConfigError naming the config key."""
+        """A callable from the backbone's shape arguments to a fresh block, with stage ``stage``'s values.
+
+        A block's ValueError about its own arguments becomes a ConfigError naming the config key.
+        """
         kwargs = dict(self.kwargs)
         if stage is not None:
             kwargs.update({key: values[stage - 1] for key, values in self.by_stage.items()})
@@ -80,7 +81,9 @@ def _build_block(spec: AttentionSpec, kwargs: Mapping[str, Any], *shape: Any) ->
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(config_message(spec.where, str(e))) from None
+        key = str(e).split("=", 1)[0]
+        where = f"{spec.where}.by_stage" if key in spec.by_stage else spec.where  # the key the user wrote
+        raise ConfigError(config_message(where, str(e))) from None
 
 
 def block_hyperparameters(block: type[nn.Module]) -> list[str]:
@@ -109,7 +112,7 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
     position = raw.pop("position", "default")
     every = raw.pop("every", 1)
     units = raw.pop("units", None)
-    by_stage = raw.pop("by_stage", None) or {}
+    by_stage = raw.pop("by_stage", None)
     if name == "none":
         return None
     if name not in ATTENTION_BLOCKS:
@@ -118,11 +121,17 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
         )
     block = ATTENTION_BLOCKS[name]
     hyper = block_hyperparameters(block)
-    unknown = sorted(set(raw) - set(hyper)) or sorted(set(by_stage) - set(hyper))
+    unknown = sorted(set(raw) - set(hyper))
     if unknown:
         raise ConfigError(
             f"{where} ({name}): unknown key(s) {', '.join(unknown)}; "
             f"valid keys: {', '.join([*SPEC_KEYS, *hyper])}"
+        )
+    by_stage = _parse_by_stage(by_stage, where)
+    unknown = sorted(set(by_stage) - set(hyper))
+    if unknown:
+        raise ConfigError(
+            f"{where}.by_stage ({name}): unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(hyper)}"
         )
     if position != "default" and position not in POSITIONS:
         raise ConfigError(
@@ -134,9 +143,10 @@ def parse_attention_spec(raw: Mapping[str, Any], where: str = "attention") -> At
     if units is not None:
         units = _parse_units(units, where)
         if every != 1:
-            raise ConfigError(f"{where}.units={list(units)} is not allowed with every={every}: give one of the two")
+            raise ConfigError(f"{where}.units={_typed(units)} is not allowed with every={every}: "
+                              f"set {where}.every=1 or remove {where}.units")
     return AttentionSpec(name, block, raw, _parse_stages(stages, where, name), position, every, where, units,
-                         _parse_by_stage(by_stage, where))
+                         by_stage)
 
 
 def _nonzero_numbers(value: Any) -> tuple[int, ...] | None:
@@ -148,6 +158,11 @@ def _nonzero_numbers(value: Any) -> tuple[int, ...] | None:
     ):
         return None
     return tuple(value)
+
+
+def _typed(values: Sequence[Any]) -> str:
+    """A list as the user types it on the command line: ``[3,5,5,7]``."""
+    return "[" + ",".join(str(v) for v in values) + "]"
 
 
 def _parse_units(units: Any, where: str) -> tuple[int, ...]:
@@ -162,7 +177,9 @@ def _parse_units(units: Any, where: str) -> tuple[int, ...]:
 
 
 def _parse_by_stage(by_stage: Any, where: str) -> dict[str, tuple[Any, ...]]:
-    """``{hyper-parameter: [one value per stage]}`` with the lists as tuples."""
+    """``{hyper-parameter: [one value per stage]}`` (or null) with the lists as tuples."""
+    if by_stage is None:
+        return {}
     if not isinstance(by_stage, Mapping) or not all(
         isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0 for v in by_stage.values()
     ):
@@ -249,10 +266,13 @@ class AttentionPlan:
                 f"{spec.where}.stages={list(spec.stages)} is not allowed: {backbone} has no stage {bad[0]}; "
                 f"valid stages: 1..{n}, -{n}..-1 (from the end) or 'all'"
             )
+        if spec.by_stage and position == "stem":
+            raise ConfigError(f"{spec.where}.by_stage is not allowed at position stem: the stem is in no stage; "
+                              f"give the value itself (e.g. {spec.where}.{next(iter(spec.by_stage))}=...)")
         for key, values in spec.by_stage.items():
             if len(values) != n:
                 raise ConfigError(
-                    f"{spec.where}.by_stage.{key}={list(values)} is not allowed: {backbone} has {n} stages; "
+                    f"{spec.where}.by_stage.{key}={_typed(values)} is not allowed: {backbone} has {n} stages; "
                     "give one value per stage"
                 )
         if spec.stages is not None:
@@ -262,7 +282,7 @@ class AttentionPlan:
             outside = [u for u in spec.units or () if not -depth <= u <= depth]
             if outside:
                 raise ConfigError(
-                    f"{spec.where}.units={list(spec.units)} is not allowed: stage {stage} of {backbone} has no "
+                    f"{spec.where}.units={_typed(spec.units)} is not allowed: stage {stage} of {backbone} has no "
                     f"unit {outside[0]}; valid units there: 1..{depth}, -{depth}..-1 (from the stage's end)"
                 )
         return spec, position, at_gate_place

@@ -74,7 +74,7 @@ def test_every_registered_block_declares_where_it_may_go():
         assert issubclass(cls, AttentionBlock), name
         # a map block or a conv replacer: the two take different constructor arguments
         assert cls.positions and (cls.positions <= MAP_POSITIONS or cls.positions <= SPATIAL_POSITIONS), name
-        assert cls.default_position is None or cls.default_position in cls.positions, name
+        assert cls.default_position in cls.positions, name
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))

@@ -153,7 +153,7 @@ def test_group_norm_resnet_has_no_batch_statistics(name, groups):
     ({"name": "resnet20"}, {"name": "se", "reductio": 8}, "unknown key(s) reductio; valid keys: name, stages, position, every, units, by_stage, reduction, bias, squeeze, gate, divisor"),
     ({"name": "resnet20"}, {"name": "se", "units": [4]}, "attention.units=[4] is not allowed: stage 1 of resnet20 has no unit 4; valid units there: 1..3"),
     ({"name": "resnet20"}, {"name": "se", "units": [1], "every": 2}, "attention.units=[1] is not allowed with every=2"),
-    ({"name": "resnet20"}, {"name": "eca", "by_stage": {"kernel_size": [3, 5]}}, "attention.by_stage.kernel_size=[3, 5] is not allowed: resnet20 has 3 stages; give one value per stage"),
+    ({"name": "resnet20"}, {"name": "eca", "by_stage": {"kernel_size": [3, 5]}}, "attention.by_stage.kernel_size=[3,5] is not allowed: resnet20 has 3 stages; give one value per stage"),
     ({"name": "resnet20"}, {"name": "eca", "by_stage": {"kernel": [3, 5, 7]}}, "unknown key(s) kernel; valid keys"),
     ({"name": "resnet20"}, {"name": "se", "stages": [4]}, "resnet20 has no stage 4; valid stages: 1..3, -3..-1"),
     ({"name": "resnet20"}, {"name": "se", "position": "replace_spatial"}, "cannot go at position 'replace_spatial'"),

@@ -80,6 +80,7 @@ class CBAM(AttentionBlock):
         require_positive(reduction=reduction, kernel_size=kernel_size)
         self.channel = ChannelGate(channels, reduction, bias)
         self.spatial = SpatialGate(kernel_size) if spatial else nn.Identity()
+        self.init_weights()
 
     def init_weights(self) -> None:
         """The official ResNets' init (Jongchan/attention-module, ``model_resnet.py``): the spatial gate's BN

@@ -12,7 +12,7 @@ Defaults are the released code's (``lib/core/config.py`` of video-nonlocal-net: 
 USE_MAXPOOL, CONV_INIT_STD = 0.01, BN_INIT_GAMMA = 0), which the paper's equations leave out:
 softmax logits scaled by d^-1/2; x max-pooled 2x2 before phi and g (theta sees every position);
 theta, phi, g and W initialised N(0, 0.01) with zero biases; the BN's gamma (and beta) at zero, so
-the block starts as the identity. ``scale=1.0 subsample=false`` is the equation as written.
+the block starts as the identity. ``scale=1.0 subsample=false init_std=null`` is the equation as written.
 
 The softmax forms run through ``scaled_dot_product_attention`` (memory linear in H*W where a fused
 kernel applies); ``dot`` uses the associativity theta (phi^T g) / N, also linear. timm's
@@ -40,9 +40,10 @@ class NonLocal(AttentionBlock):
         mode: the pairwise function, one of ``MODES``.
         reduction: inner width is d = C // reduction (2 in the paper).
         subsample: 2x2 max-pool x before phi and g (the released code; the paper's cheaper variant).
-        scale: factor on the softmax logits; None is the released code's d^-1/2 (1.0: the paper's equation).
+        scale: factor on the softmax logits; None is the released code's d^-1/2 over the key width d
+            (C / reduction; C for ``gaussian``, which has no embedding); 1.0: the paper's equation.
         init_std: theta, phi, g and W start N(0, init_std) with zero biases (0.01, the released code's);
-            None keeps PyTorch's default conv init.
+            None leaves them to the backbone's conv init (PyTorch's for a block built alone).
     """
 
     default_position = "post"
@@ -57,7 +58,8 @@ class NonLocal(AttentionBlock):
         if inner < 1:
             raise ValueError(f"nonlocal: reduction={reduction} leaves no inner channels for {channels}")
         self.mode = mode
-        self.scale = scale if scale is not None else 1 / math.sqrt(inner)
+        key_width = channels if mode == "gaussian" else inner  # what q . k sums over
+        self.scale = scale if scale is not None else 1 / math.sqrt(key_width)
         self.init_std = init_std
         self.theta = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
         self.phi = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
@@ -71,8 +73,7 @@ class NonLocal(AttentionBlock):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The released code's init: convs N(0, init_std) with zero biases; BN gamma and beta at zero, so
-        the block is the identity at initialisation."""
+        """The released code's init: convs N(0, init_std), zero biases, BN gamma and beta zero (the identity)."""
         if self.init_std is not None:
             for conv in (self.theta, self.phi, self.g, self.W, self.concat_project):
                 if conv is not None:

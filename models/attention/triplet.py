@@ -33,11 +33,14 @@ class TripletAttention(AttentionBlock):
         self.ch = SpatialGate(kernel_size)  # H plays the channel role: C-W interaction
         self.cw = SpatialGate(kernel_size)  # W plays the channel role: C-H interaction
         self.hw = SpatialGate(kernel_size) if spatial else None
+        self.init_weights()
 
     def init_weights(self) -> None:
-        """The official ResNets' init (``MODELS/resnet.py``): BN scales named ``SpatialGate``, which is only
-        the H-W branch, start at 0 (that branch is a uniform 0.5 gate at first); the C-H and C-W
-        branches' stay at 1. All BN shifts start at 0."""
+        """The official ResNets' init: the H-W gate's BN scale at 0, the other two at 1, all shifts at 0.
+
+        ``MODELS/resnet.py`` zeroes the BN weights whose names contain ``SpatialGate``: only the H-W
+        branch's, so that branch starts as a uniform 0.5 gate.
+        """
         for gate in (self.ch, self.cw, self.hw):
             if gate is not None:
                 nn.init.zeros_(gate.bn.bias)

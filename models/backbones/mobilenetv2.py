@@ -26,9 +26,9 @@ class InvertedResidual(nn.Module):
     """1x1 expand (if t > 1) -> 3x3 depthwise -> 1x1 linear projection, with a shortcut when shapes allow.
 
     Positions: ``pre``, ``after_spatial`` (after the depthwise conv's ReLU6), ``replace_spatial``
-    (the depthwise conv), ``spatial_prenorm`` (between the depthwise conv and its BN), ``standard`` (after the projection's BN), ``identity`` (only on units with a
-    shortcut), ``post`` (the unit's output: after the add where there is one; MobileNetV2 has no
-    activation after it).
+    (the depthwise conv), ``spatial_prenorm`` (between the depthwise conv and its BN), ``standard``
+    (after the projection's BN), ``identity`` (only on units with a shortcut), ``post`` (the unit's
+    output: after the add where there is one; MobileNetV2 has no activation after it).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int,
@@ -86,7 +86,7 @@ class MobileNetV2(PooledBackbone):
         self.attn_stem = stem_slot(plan.stem(), channels)
 
         def make_unit(s: int, i: int, in_channels: int) -> nn.Module:
-            """Unit i of row s; the CA code's gate placement skips the t = 1 unit, which has no expansion to recalibrate."""
+            """Unit i of row s; the CA code puts no gate in the t = 1 unit, which has no expansion to recalibrate."""
             t, c, _, first_stride = ROWS[s - 1]
             if stem == "cifar" and s == 2:
                 first_stride = 1  # 32x32 inputs: keep four halvings, ending at 4x4

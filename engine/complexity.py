@@ -59,8 +59,9 @@ def complexity_by_part(model: Backbone, input_size: tuple[int, int, int]) -> lis
     names = {module: name for name, module in model.named_modules()}
 
     def part_macs(module: nn.Module) -> int:
-        """A module's MACs; one whose methods were called rather than itself sums its children's."""
-        name = names[module]
+        """A module's MACs; one whose methods were called rather than itself, or a grouping outside the
+        module tree (DenseNet's stage: its block and transition), sums its children's."""
+        name = names.get(module)
         if name in macs:
             return macs[name]
         return sum(part_macs(child) for child in module.children())

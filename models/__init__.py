@@ -52,7 +52,8 @@ def build_model(
     except ValueError as e:  # the backbone's own message about one of its arguments
         raise ConfigError(config_message("model", str(e))) from None
     for spec in specs:
-        if not any(isinstance(m, spec.block) for m in built.modules()):
+        kinds = tuple(k for k in (spec.block, getattr(spec.block, "head_class", None)) if k is not None)
+        if not any(isinstance(m, kinds) for m in built.modules()):
             raise ConfigError(
                 f"{spec.where} '{spec.name}' (stages {list(spec.stages) if spec.stages else 'all'}, position "
                 f"{spec.position}) places no block on {name}: no unit there has that position; "

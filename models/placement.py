@@ -35,7 +35,9 @@ POSITIONS = {
     "replace_spatial": "replaces that spatial conv; takes in_channels, out_channels, stride",
     "spatial_prenorm": "after the unit's last spatial conv, before its norm",
     "stem": "once, after the stem",
+    "head": "once, on the last feature map, before pooling (the classifier is built on the head's output width)",
 }
+ONCE = ("stem", "head")  # positions outside the stages: one block each, whatever ``stages`` says
 SPEC_KEYS = ("name", "stages", "position", "every", "units", "by_stage")
 
 Factory = Callable[..., nn.Module]
@@ -55,15 +57,17 @@ class AttentionSpec:
     units: tuple[int, ...] | None = None  # 1-based unit numbers within each chosen stage; None: by ``every``
     by_stage: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
-    def factory(self, stage: int | None = None) -> Factory:
-        """A callable from the backbone's shape arguments to a fresh block, with stage ``stage``'s values.
+    def factory(self, stage: int | None = None, head: bool = False) -> Factory:
+        """A callable from the backbone's shape arguments to a fresh block, with stage ``stage``'s values;
+        ``head``: the block's paper head (``head_class``) where it has one.
 
         A block's ValueError about its own arguments becomes a ConfigError naming the config key.
         """
         kwargs = dict(self.kwargs)
         if stage is not None:
             kwargs.update({key: values[stage - 1] for key, values in self.by_stage.items()})
-        return functools.partial(_build_block, self, kwargs)
+        build = (getattr(self.block, "head_class", None) or self.block) if head else self.block
+        return functools.partial(_build_block, self, build, kwargs)
 
     def places(self, stage: int, index: int, depth: int) -> bool:
         """Whether this spec puts a block in unit ``index`` (0-based) of ``stage``, which has ``depth`` units."""
@@ -74,10 +78,11 @@ class AttentionSpec:
         return index % self.every == self.every - 1
 
 
-def _build_block(spec: AttentionSpec, kwargs: Mapping[str, Any], *shape: Any) -> nn.Module:
-    """``spec``'s block with hyper-parameters ``kwargs`` for the backbone's ``shape`` arguments."""
+def _build_block(spec: AttentionSpec, build: Callable[..., nn.Module], kwargs: Mapping[str, Any],
+                 *shape: Any) -> nn.Module:
+    """``build`` (``spec``'s block or its head) with hyper-parameters ``kwargs`` for the backbone's ``shape``."""
     try:
-        return spec.block(*shape, **kwargs)
+        return build(*shape, **kwargs)
     except ConfigError:
         raise
     except ValueError as e:
@@ -251,9 +256,11 @@ class AttentionPlan:
         position = spec.position
         if at_gate_place:
             position = gate_position
-        elif position == "default":
-            position = getattr(spec.block, "default_position", "standard")
         accepted = sorted(set(positions) & set(spec.block.positions))
+        if position == "default":
+            position = getattr(spec.block, "default_position", "standard")
+            if position not in accepted:  # a head block on a backbone without a feature-map head (VOLO)
+                position = getattr(spec.block, "fallback_position", None) or position
         if position not in accepted:
             raise ConfigError(
                 f"{spec.where}.position={spec.position} is not allowed: '{spec.name}' cannot go at position "
@@ -266,8 +273,8 @@ class AttentionPlan:
                 f"{spec.where}.stages={list(spec.stages)} is not allowed: {backbone} has no stage {bad[0]}; "
                 f"valid stages: 1..{n}, -{n}..-1 (from the end) or 'all'"
             )
-        if spec.by_stage and position == "stem":
-            raise ConfigError(f"{spec.where}.by_stage is not allowed at position stem: the stem is in no stage; "
+        if spec.by_stage and position in ONCE:
+            raise ConfigError(f"{spec.where}.by_stage is not allowed at position {position}: it is in no stage; "
                               f"give the value itself (e.g. {spec.where}.{next(iter(spec.by_stage))}=...)")
         for key, values in spec.by_stage.items():
             if len(values) != n:
@@ -296,7 +303,7 @@ class AttentionPlan:
         chosen: dict[str, list[Factory]] = {}
         depth = self.stage_depths[stage - 1]
         for spec, position, at_gate_place in self.entries:
-            if position == "stem" or (at_gate_place and not gates_by_default):
+            if position in ONCE or (at_gate_place and not gates_by_default):
                 continue
             if spec.places(stage, index, depth):
                 chosen.setdefault(position, []).append(spec.factory(stage))
@@ -310,4 +317,9 @@ class AttentionPlan:
     def stem(self) -> Factory | None:
         """The factory for the block after the stem, if any spec asks for one."""
         factories = [spec.factory() for spec, position, _ in self.entries if position == "stem"]
+        return _chain(factories) if factories else None
+
+    def head(self) -> Factory | None:
+        """The factory for the block on the last feature map (a block's paper head where it has one), if any."""
+        factories = [spec.factory(head=True) for spec, position, _ in self.entries if position == "head"]
         return _chain(factories) if factories else None

@@ -25,6 +25,7 @@ BACKBONES = {
     "mobilenext": {"name": "mobilenext", "stem": "cifar", "width_mult": 0.35},
     "volo_d1": {"name": "volo_d1", "stem": "cifar", "img_size": 32},
     "agcnn": {"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32},
+    "densenet121": {"name": "densenet121", "stem": "cifar"},
 }
 # Every position and a composed pair; blocks at the last stage where they are costly.
 ATTENTION = {

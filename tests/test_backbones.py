@@ -160,7 +160,7 @@ def test_group_norm_resnet_has_no_batch_statistics(name, groups):
     ({"name": "resnet20"}, {"name": "se", "position": "middle"}, "unknown position 'middle'; valid positions: default, standard"),
     ({"name": "resnet20"}, {"name": "se", "every": 0}, "every=0 must be an integer >= 1"),
     ({"name": "resnet20"}, {"name": "se", "stages": "two"}, "stages='two' must be 'all' or a list"),
-    ({"name": "resnet99"}, {"name": "none"}, "unknown backbone 'resnet99'; valid names: agcnn, mobilenetv2"),
+    ({"name": "resnet99"}, {"name": "none"}, "unknown backbone 'resnet99'; valid names: agcnn, densenet121, mobilenetv2"),
     ({"name": "resnet20", "stride_in_1x1": True}, {"name": "none"}, "unknown key(s) stride_in_1x1"),
     ({"name": "resnet50", "stem": "tiny"}, {"name": "none"}, "model.stem='tiny' is not a stem; valid stems: cifar, imagenet"),
     ({"name": "resnet20", "norm": "layer"}, {"name": "none"}, "model.norm='layer' is not valid; use one of batch, group"),
@@ -188,7 +188,10 @@ def test_every_block_at_every_position_it_takes(unit, name, position):
     specs = parse_attention_specs({"name": name, "stages": [-1], "position": position})
     model = ResNet(unit, (1, 2), widths=(16, 32), num_classes=10, attention=specs, stem="cifar")
     block_type = ATTENTION_BLOCKS[name]
-    assert sum(isinstance(m, block_type) for m in model.modules()) == (1 if position == "stem" else 2)
+    kinds = tuple(k for k in (block_type, block_type.head_class) if k is not None)
+    found = [m for m in model.modules() if isinstance(m, kinds)]
+    inside = {id(c) for m in found for c in m.modules() if c is not m}  # the RCCA head's own criss-cross module
+    assert len([m for m in found if id(m) not in inside]) == (1 if position in ("stem", "head") else 2)
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
@@ -447,8 +450,9 @@ def test_every_backbone_runs_every_block_at_its_default_position_at_32x32(backbo
     model = build_model({"name": backbone, **SMALL_OPTIONS[backbone]}, {"name": block, "stages": [-2]},
                         num_classes=10)
     block_type = ATTENTION_BLOCKS[block]
+    kinds = tuple(k for k in (block_type, block_type.head_class) if k is not None)  # at `head`: its paper's head
     model.set_epoch(1, 2)  # a model trained in phases (AG-CNN) trains only its first phase's part
-    trained = [m for m in model.modules() if isinstance(m, block_type) and m.training]
+    trained = [m for m in model.modules() if isinstance(m, kinds) and m.training]
     assert trained
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
@@ -465,3 +469,35 @@ def test_every_backbone_runs_one_block_at_224x224(model_cfg, block):
     out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 5) and torch.isfinite(out).all()
     out.sum().backward()
+
+
+# --- DenseNet-121 ------------------------------------------------------------------------------------
+
+def test_densenet121_is_torchvisions():
+    ours = build_model({"name": "densenet121", **IMAGENET}, {"name": "none"}).eval()
+    theirs = torchvision.models.densenet121().eval()
+    assert count_params(ours) == count_params(theirs)
+    ours.load_state_dict(theirs.state_dict())  # strict: torchvision's names and shapes
+    x = torch.randn(2, 3, 64, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_densenet_positions_on_dense_layers_and_transitions():
+    model = build_model({"name": "densenet121", "stem": "cifar"}, {"name": "se", "reduction": 4, "stages": [1]},
+                        num_classes=10)
+    layer, transition = model.features.denseblock1.denselayer1, model.features.transition1
+    assert isinstance(layer.attn_standard, SqueezeExcite) and layer.attn_standard.fc1.in_channels == 32  # growth
+    assert isinstance(transition.attn_standard, SqueezeExcite) and transition.attn_standard.fc1.in_channels == 128
+    assert len(model.stages[0]) == 2 and model.forward_features(torch.randn(2, 3, 32, 32)).shape[-2:] == (4, 4)
+    post = build_model({"name": "densenet121", "stem": "cifar"}, {"name": "se", "position": "post", "stages": [1],
+                                                                 "units": [-1]}, num_classes=10)
+    assert isinstance(post.features.transition1.attn_post, SqueezeExcite)  # the transition is the stage's last unit
+    assert sum(isinstance(m, SqueezeExcite) for m in post.modules()) == 1
+
+
+def test_agcnn_takes_densenet121_as_its_backbone():
+    model = build_model({"name": "agcnn", "backbone": "densenet121", "stem": "cifar", "img_size": 32}, {"name": "se"},
+                        num_classes=3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert model.num_features == 2 * 1024

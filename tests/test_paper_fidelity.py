@@ -16,7 +16,7 @@ from tests.helpers import compose_config, meta_device
 
 GATES = ("se", "cbam", "eca", "gc", "coord", "simam", "triplet")
 FIXED_PLACE = sorted(set(ATTENTION_BLOCKS) - set(GATES))
-SLOT = {"post": "attn_post", "stem": "attn_stem", "replace_spatial": "depthwise.0"}  # MobileNetV2's modules
+SLOT = {"post": "attn_post", "stem": "attn_stem", "replace_spatial": "depthwise.0", "head": "attn_head"}  # MobileNetV2's
 
 
 def build(*overrides: str) -> nn.Module:
@@ -57,9 +57,9 @@ def test_the_gates_are_the_blocks_that_follow_the_backbone():
 def test_blocks_whose_paper_fixes_the_place_keep_it_on_the_mobile_nets(name):
     model = build_model({"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.35},
                         {"name": name, "stages": [-1]}, num_classes=10)
-    names = placed(model, ATTENTION_BLOCKS[name])
-    slot = SLOT[ATTENTION_BLOCKS[name].default_position]
-    assert names and all(n.endswith(slot) for n in names), names
+    cls = ATTENTION_BLOCKS[name]
+    names = placed(model, cls.head_class or cls)
+    assert names and all(n.endswith(SLOT[cls.default_position]) for n in names), names
 
 
 def test_volo_puts_gates_at_the_end_of_its_mlp_branch():
@@ -241,3 +241,109 @@ def test_triplet_zeroes_only_the_hw_gates_bn_scale_as_the_official_resnets(where
         block = build_model({"name": "resnet20"}, {"name": "triplet"}, num_classes=10).layer1[0].attn_standard
     assert not block.hw.bn.weight.any() and (block.ch.bn.weight == 1).all() and (block.cw.bn.weight == 1).all()
     assert all(g.bn.momentum == 0.01 for g in (block.ch, block.cw, block.hw))  # the official BasicConv's
+
+
+# --- heads: CCNet's RCCA and DANet's head once on the last feature map, as their official modules -------
+
+def _randomise(module: nn.Module) -> nn.Module:
+    """Random weights, BN statistics and gammas (not the zero inits that hide a branch), in eval mode."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.fill_(1.0) if name.endswith("gamma") else p.normal_(0, 0.05)  # gamma 1: attention weighs fully
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+    return module.eval()
+
+
+def _conv_bn(seq: nn.Sequential, x: torch.Tensor, act) -> torch.Tensor:
+    """The official conv -> BN (eval) -> activation, from ``seq``'s weights."""
+    conv, bn = seq[0], seq[1]
+    y = F.conv2d(x, conv.weight, padding=1)
+    return act(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+
+
+def _official_cca(cca, x: torch.Tensor) -> torch.Tensor:
+    """speedinghzl/CCNet's CrissCrossAttention forward: -inf on the column's own position, one softmax."""
+    b, _, h, w = x.shape
+    q = F.conv2d(x, cca.query.weight, cca.query.bias)
+    k = F.conv2d(x, cca.key.weight, cca.key.bias)
+    v = F.conv2d(x, cca.value.weight, cca.value.bias)
+    q_h = q.permute(0, 3, 1, 2).reshape(b * w, -1, h).permute(0, 2, 1)
+    q_w = q.permute(0, 2, 1, 3).reshape(b * h, -1, w).permute(0, 2, 1)
+    k_h, k_w = k.permute(0, 3, 1, 2).reshape(b * w, -1, h), k.permute(0, 2, 1, 3).reshape(b * h, -1, w)
+    v_h, v_w = v.permute(0, 3, 1, 2).reshape(b * w, -1, h), v.permute(0, 2, 1, 3).reshape(b * h, -1, w)
+    inf = torch.diag(torch.full((h,), float("inf"))).unsqueeze(0).repeat(b * w, 1, 1)
+    energy_h = (torch.bmm(q_h, k_h) - inf).view(b, w, h, h).permute(0, 2, 1, 3)
+    energy_w = torch.bmm(q_w, k_w).view(b, h, w, w)
+    att = torch.softmax(torch.cat([energy_h, energy_w], 3), 3)
+    att_h = att[:, :, :, :h].permute(0, 2, 1, 3).reshape(b * w, h, h)
+    att_w = att[:, :, :, h:].reshape(b * h, w, w)
+    out_h = torch.bmm(v_h, att_h.permute(0, 2, 1)).view(b, w, -1, h).permute(0, 2, 3, 1)
+    out_w = torch.bmm(v_w, att_w.permute(0, 2, 1)).view(b, h, -1, w).permute(0, 2, 1, 3)
+    return cca.gamma * (out_h + out_w) + x
+
+
+def test_rcca_head_is_the_official_rcca_module():
+    from models.attention.criss_cross import RCCAHead
+
+    head = _randomise(RCCAHead(64, head_width=32))
+    x = torch.randn(2, 64, 5, 6)
+    leaky = lambda t: F.leaky_relu(t, 0.01)  # noqa: E731
+    out = _conv_bn(head.conva, x, leaky)
+    for _ in range(2):  # R = 2, the same weights
+        out = _official_cca(head.cca, out)
+    out = _conv_bn(head.convb, out, leaky)
+    expected = _conv_bn(head.bottleneck[0], torch.cat([x, out], 1), leaky)
+    torch.testing.assert_close(head(x), expected)
+
+
+def _official_pam(pam, gamma, x: torch.Tensor) -> torch.Tensor:
+    """junfu1115/DANet's PAM_Module forward."""
+    b, c, h, w = x.shape
+    q = F.conv2d(x, pam.query.weight, pam.query.bias).view(b, -1, h * w).permute(0, 2, 1)
+    k = F.conv2d(x, pam.key.weight, pam.key.bias).view(b, -1, h * w)
+    v = F.conv2d(x, pam.value.weight, pam.value.bias).view(b, -1, h * w)
+    attention = torch.softmax(torch.bmm(q, k), dim=-1)
+    return gamma * torch.bmm(v, attention.permute(0, 2, 1)).view(b, c, h, w) + x
+
+
+def _official_cam(gamma, x: torch.Tensor) -> torch.Tensor:
+    """junfu1115/DANet's CAM_Module forward."""
+    b, c, h, w = x.shape
+    flat = x.view(b, c, -1)
+    energy = torch.bmm(flat, flat.permute(0, 2, 1))
+    energy = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+    return gamma * torch.bmm(torch.softmax(energy, dim=-1), flat).view(b, c, h, w) + x
+
+
+def test_danet_head_is_the_official_danet_head():
+    from models.attention.danet import DANetHead
+
+    head = _randomise(DANetHead(64))
+    x = torch.randn(2, 64, 5, 6)
+    sa = _conv_bn(head.conv51, _official_pam(head.sa.attention, head.sa.gamma, _conv_bn(head.conv5a, x, F.relu)), F.relu)
+    sc = _conv_bn(head.conv52, _official_cam(head.sc.gamma, _conv_bn(head.conv5c, x, F.relu)), F.relu)
+    torch.testing.assert_close(head(x), sa + sc)
+
+
+# The official heads on ResNet's 2048-channel layer4, without their 1x1 segmentation classifiers, counted from
+# speedinghzl/CCNet's RCCAModule(2048, 512) and junfu1115/DANet's DANetHead(2048) layer by layer.
+@pytest.mark.parametrize("name,params", [("criss_cross", 23_924_353), ("danet", 23_925_378)])
+def test_heads_have_the_official_parameter_counts_and_feed_the_classifier(name, params):
+    with meta_device():
+        model = build_model({"name": "resnet50", "stem": "imagenet"}, {"name": name}, num_classes=1000)
+        plain = build_model({"name": "resnet50", "stem": "imagenet"}, {"name": "none"}, num_classes=1000)
+    assert count_params(model.attn_head) == params
+    assert model.fc.in_features == model.attn_head.out_channels == model.num_features
+    assert count_params(model) == count_params(plain) + params - (2048 - model.num_features) * 1000
+    assert placed(model, ATTENTION_BLOCKS[name]) in ([], ["attn_head.cca"])  # once: no per-unit blocks
+
+
+def test_head_blocks_can_still_go_per_unit_and_fall_back_on_volo():
+    per_unit = build_model({"name": "resnet20"}, {"name": "danet", "position": "post", "stages": [-1]}, num_classes=10)
+    assert placed(per_unit, ATTENTION_BLOCKS["danet"]) == [f"layer3.{i}.attn_post" for i in range(3)]
+    volo = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "criss_cross"}, num_classes=10)
+    assert isinstance(volo.attn_head, nn.Identity) and placed(volo, ATTENTION_BLOCKS["criss_cross"])

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 # A block at one of these maps a (B, C, H, W) feature map to one of the same shape.
-MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "spatial_prenorm", "stem"})
+MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "spatial_prenorm", "stem",
+                           "head"})
 # A block here replaces a unit's spatial conv: it takes (in_channels, out_channels, stride) like the conv.
 SPATIAL_POSITIONS = frozenset({"replace_spatial"})
 
@@ -41,6 +42,11 @@ class AttentionBlock(nn.Module):
     positions: frozenset[str] = MAP_POSITIONS
     default_position: str = "standard"
     is_gate: bool = False
+    # At position ``head`` a block builds ``head_class`` (its paper's head, taking the same arguments and
+    # declaring ``out_channels``) where it has one, else itself.
+    head_class: type[nn.Module] | None = None
+    # Where ``position: default`` goes on a backbone that lacks ``default_position`` (VOLO has no head).
+    fallback_position: str | None = None
 
     def init_weights(self) -> None:
         """Re-apply the paper's own init of this block (backbones call it after their init loop); none here."""

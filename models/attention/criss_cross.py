@@ -8,11 +8,46 @@ position itself is masked so it counts once), one softmax over both. Query and k
 C / 8, value a 1x1 conv to C, all with biases; out = gamma * attention + x with gamma starting at 0.
 The recurrent module applies the same weights R times (2 in the paper), so information reaches every
 position. Pure PyTorch: row and column attention as einsums, never an (HW) x (HW) tensor.
+
+At position ``head`` (its default) the block is CCNet's RCCA module as the official ``RCCAModule``:
+3x3 conv to C / 4 + BN + leaky ReLU (0.01, the official InPlaceABN's), criss-cross attention R times
+with shared weights, 3x3 conv + BN + leaky ReLU, concatenation with the input, a 3x3 bottleneck conv
+to ``head_width`` (512) + BN + leaky ReLU, Dropout2d(0.1); the classifier pools that. The official
+code's 1x1 segmentation classifier is the backbone's linear classifier here.
 """
 import torch
 from torch import nn
 
 from models.attention.base import AttentionBlock, Maps, query_index, require_positive
+
+
+def conv_bn_act(in_channels: int, out_channels: int, activation: nn.Module) -> nn.Sequential:
+    """3x3 conv (no bias) + BN + ``activation``: the heads' layer."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), activation)
+
+
+class RCCAHead(nn.Module):
+    """CCNet's recurrent criss-cross attention head on the last feature map (see the module docstring).
+
+    Args: as ``CrissCrossAttention``; ``head_width`` is the output width (512 in CCNet).
+    """
+
+    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2, head_width: int = 512):
+        super().__init__()
+        require_positive(head_width=head_width)
+        inner = max(1, channels // 4)
+        self.out_channels = head_width
+        self.conva = conv_bn_act(channels, inner, nn.LeakyReLU(0.01, inplace=True))
+        self.cca = CrissCrossAttention(inner, reduction, recurrence)
+        self.convb = conv_bn_act(inner, inner, nn.LeakyReLU(0.01, inplace=True))
+        self.bottleneck = nn.Sequential(conv_bn_act(channels + inner, head_width, nn.LeakyReLU(0.01, inplace=True)),
+                                        nn.Dropout2d(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, head_width, H, W)."""
+        out = self.convb(self.cca(self.conva(x)))
+        return self.bottleneck(torch.cat([x, out], 1))  # the maps are its criss-cross module's
 
 
 class CrissCrossAttention(AttentionBlock):
@@ -22,13 +57,15 @@ class CrissCrossAttention(AttentionBlock):
         channels: input and output channel count C.
         reduction: query/key width is C // reduction (8 in the paper).
         recurrence: R, how many times the shared module is applied.
+        head_width: the RCCA head's output width, at position ``head`` only (512 in CCNet).
     """
 
-    default_position = "post"
+    default_position = "head"
+    fallback_position = "post"  # after the units of the chosen stages where a backbone has no head (VOLO)
 
-    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
+    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2, head_width: int = 512):
         super().__init__()
-        require_positive(reduction=reduction, recurrence=recurrence)
+        require_positive(reduction=reduction, recurrence=recurrence, head_width=head_width)
         inner = max(1, channels // reduction)
         self.recurrence = recurrence
         self.query = nn.Conv2d(channels, inner, 1)
@@ -70,3 +107,6 @@ class CrissCrossAttention(AttentionBlock):
         weights[:, :, j] += a_col[:, i, j]  # zero at (i, j): masked in the column
         weights[:, i, :] += a_row[:, i, j]
         return {"query attention": ("query", weights)}
+
+
+CrissCrossAttention.head_class = RCCAHead

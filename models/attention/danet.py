@@ -7,6 +7,12 @@ As the official ``PAM_Module`` (query/key 1x1 convs to C / 8 and value 1x1 conv 
 unscaled softmax over positions, run through ``scaled_dot_product_attention`` with scale 1) and
 ``CAM_Module`` (softmax over max(energy) - energy of the C x C Gram matrix); combined as
 x + gamma_p * PAM(x) + gamma_c * CAM(x), both gammas starting at 0.
+
+At position ``head`` (its default) the block is DANet's head as the official ``DANetHead``: two
+branches, each a 3x3 reduction conv to C / 4 + BN + ReLU, then its attention with its own gamma
+(PAM in one, CAM in the other), then a 3x3 conv + BN + ReLU; the branches are summed, then
+Dropout2d(0.1). The classifier pools that sum (the official code's 1x1 classifiers on each branch and
+on the sum are the segmentation outputs; the sum's is the one evaluated).
 """
 import torch
 import torch.nn.functional as F
@@ -53,6 +59,60 @@ class ChannelAttention(nn.Module):
         return (torch.softmax(energy, dim=-1) @ flat).view(b, c, h, w)
 
 
+class GammaResidual(nn.Module):
+    """x + gamma * attention(x), gamma starting at 0: the official PAM_Module and CAM_Module."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.attention = attention
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return x + self.gamma * self.attention(x)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (no bias) + BN + ReLU: the head's layer."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class DANetHead(AttentionBlock):
+    """DANet's head on the last feature map: a position and a channel branch, summed (see the module docstring).
+
+    Args: as ``DualAttention``.
+    """
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        inner = max(1, channels // 4)
+        self.out_channels = inner
+        self.conv5a, self.conv5c = conv_bn_relu(channels, inner), conv_bn_relu(channels, inner)
+        self.sa = GammaResidual(PositionAttention(inner, reduction))
+        self.sc = GammaResidual(ChannelAttention())
+        self.conv51, self.conv52 = conv_bn_relu(inner, inner), conv_bn_relu(inner, inner)
+        self.dropout = nn.Dropout2d(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C / 4, H, W)."""
+        return self.dropout(self.conv51(self.sa(self.conv5a(x))) + self.conv52(self.sc(self.conv5c(x))))
+
+    def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
+        """The position branch's weights of the query over all positions (B, H, W)."""
+        return position_weights(self.sa.attention, self.conv5a(x), query)
+
+
+def position_weights(pam: PositionAttention, x: torch.Tensor, query: tuple[float, float]) -> Maps:
+    """``pam``'s weights of the query position over all positions of ``x`` (B, H, W), unscaled as its forward."""
+    b, _, h, w = x.shape
+    i, j = query_index(h, w, query)
+    q, k = pam.query_key(x)
+    q = q[:, :, i * w + j].unsqueeze(2)  # B, 1, 1, C'
+    weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # B, 1, 1, N
+    return {"position attention": ("query", weights.view(b, h, w))}
+
+
 class DualAttention(AttentionBlock):
     """x + gamma_p * PAM(x) + gamma_c * CAM(x).
 
@@ -61,7 +121,9 @@ class DualAttention(AttentionBlock):
         reduction: PAM query/key width is C // reduction (8 in the paper).
     """
 
-    default_position = "post"
+    default_position = "head"
+    fallback_position = "post"  # after the units of the chosen stages where a backbone has no head (VOLO)
+    head_class = DANetHead
 
     def __init__(self, channels: int, reduction: int = 8):
         super().__init__()
@@ -77,9 +139,4 @@ class DualAttention(AttentionBlock):
 
     def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
         """The position attention's weights of the query over all positions (B, H, W)."""
-        b, _, h, w = x.shape
-        i, j = query_index(h, w, query)
-        q, k = self.pam.query_key(x)
-        q = q[:, :, i * w + j].unsqueeze(2)  # B, 1, 1, C'
-        weights = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # B, 1, 1, N; unscaled, as forward
-        return {"position attention": ("query", weights.view(b, h, w))}
+        return position_weights(self.pam, x, query)

@@ -42,6 +42,17 @@ class Backbone(nn.Module):
     # Submodules that get no gradient in some training phase (DDP must then look for unused parameters).
     unused_in_some_phase: tuple[str, ...] = ()
 
+    def __init__(self):
+        super().__init__()
+        self.attn_head: nn.Module = nn.Identity()
+
+    def attach_head(self, factory: Callable[..., nn.Module] | None) -> None:
+        """Put the ``head`` position's block on the last feature map (``num_features`` wide); the classifier,
+        built after this, then takes the head's output width."""
+        if factory is not None:
+            self.attn_head = factory(self.num_features)
+            self.num_features = getattr(self.attn_head, "out_channels", self.num_features)
+
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> the first stage's input (with the stem's attention block)."""
         raise NotImplementedError
@@ -63,7 +74,7 @@ class Backbone(nn.Module):
         x = self.forward_stem(x)
         for index, stage in enumerate(self.stages):
             x = stage(self.between_stages(index, x))
-        return self.forward_neck(x)
+        return self.attn_head(self.forward_neck(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               intermediates_only: bool = False
@@ -86,7 +97,7 @@ class Backbone(nn.Module):
             x = stage(self.between_stages(index, x))
             if index in take:
                 maps.append(self.stage_map(x))
-        return maps if intermediates_only else (self.forward_neck(x), maps)
+        return maps if intermediates_only else (self.attn_head(self.forward_neck(x)), maps)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """``forward_features``' output -> pooled (B, num_features) when ``pre_logits``, else logits."""

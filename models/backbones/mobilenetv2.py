@@ -97,6 +97,7 @@ class MobileNetV2(PooledBackbone):
         self.stages = nn.ModuleList(stages)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), 8)
         self.head = conv_bn_relu6(channels, self.num_features)
+        self.attach_head(plan.head())
         self.build_head(num_classes, dropout)
         init_mobile_weights(self, self.fc)
 

@@ -137,6 +137,7 @@ class MobileNeXt(PooledBackbone):
 
         stages, _, _ = build_stages([b for _, _, b, _ in ROWS], channels, make_unit)
         self.stages = nn.ModuleList(stages)
+        self.attach_head(plan.head())
         self.build_head(num_classes, dropout)
         init_mobile_weights(self, self.fc)
 

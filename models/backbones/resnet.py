@@ -229,6 +229,7 @@ class ResNet(PooledBackbone):
             setattr(self, f"layer{s}", stage)
         # the same stages as a list, built once and kept out of the module tree (no second state-dict name)
         object.__setattr__(self, "_stage_list", nn.ModuleList(stages))
+        self.attach_head(plan.head())
         self.build_head(num_classes)
         self._init_weights(zero_init_residual)
 

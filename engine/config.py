@@ -232,11 +232,11 @@ RULES: dict[str, Rule] = {
 MODEL_RULES: dict[str, Rule] = {
     "stem": one_of(STEMS), "norm": one_of(NORMS), "norm_groups": POSITIVE_INT, "width_mult": POSITIVE,
     "img_size": POSITIVE_INT, "drop_rate": PROBABILITY, "drop_path_rate": PROBABILITY, "dropout": PROBABILITY,
-    "in_chans": POSITIVE_INT, "tau": BELOW_ONE,
+    "in_chans": POSITIVE_INT, "tau": BELOW_ONE, "width": POSITIVE_INT,
 }
 ATTENTION_RULES: dict[str, Rule] = {
-    **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width", "max_depth",
-                                     "min_size", "max_size", "hidden", "divisor", "stride")},
+    **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width", "levels",
+                                     "max_size", "hidden", "divisor", "stride", "head_width")},
     "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
     "scale": optional(POSITIVE), "init_std": optional(POSITIVE), "gamma": POSITIVE, "b": Rule(_number, "a number"),
     "units": Rule(lambda v: v is None or (_integer(v) and v != 0) or list_of(NON_ZERO_INT).accepts(v),

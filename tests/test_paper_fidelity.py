@@ -347,3 +347,54 @@ def test_head_blocks_can_still_go_per_unit_and_fall_back_on_volo():
     assert placed(per_unit, ATTENTION_BLOCKS["danet"]) == [f"layer3.{i}.attn_post" for i in range(3)]
     volo = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "criss_cross"}, num_classes=10)
     assert isinstance(volo.attn_head, nn.Identity) and placed(volo, ATTENTION_BLOCKS["criss_cross"])
+
+
+# --- the Residual Attention Network as the official prototxts ---------------------------------------------
+
+# Counted from fwang91/residual-attention-network's Attention-56/92-deploy.prototxt: conv weights (no biases),
+# two per BN channel, the 2048 x 1000 classifier; MACs of convs and the classifier at 224 x 224.
+@pytest.mark.parametrize("name,params,macs", [("attention56", 31_810_728, 6_270_836_736),
+                                              ("attention92", 52_466_344, 10_533_789_696)])
+def test_attention56_and_92_have_the_prototxts_sizes(name, params, macs):
+    from engine.complexity import count_macs
+
+    model = build_model({"name": name, "stem": "imagenet"}, {"name": "none"})
+    assert count_params(model) == params and count_macs(model, (3, 224, 224)) == macs
+    maps = model.forward_intermediates(torch.zeros(1, 3, 224, 224), intermediates_only=True)
+    assert [tuple(m.shape[1:]) for m in maps] == [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
+
+
+def test_attention_modules_pool_three_two_one_times_down_to_7x7():
+    from models.backbones.residual_attention_net import AttentionStageModule
+
+    with meta_device():
+        model = build_model({"name": "attention92", "stem": "imagenet"}, {"name": "none"})
+    modules = [[m for m in stage if isinstance(m, AttentionStageModule)] for stage in model.stages]
+    assert [len(m) for m in modules] == [1, 2, 3, 0]
+    assert [{len(m.mask_branch.down) for m in stage} for stage in modules[:3]] == [{3}, {2}, {1}]
+    assert [{len(m.mask_branch.skips) for m in stage} for stage in modules[:3]] == [{2}, {1}, {0}]
+
+
+def test_the_attention_module_is_one_plus_mask_times_trunk():
+    from models.attention.residual_attention import ResidualAttention
+
+    block = _randomise(ResidualAttention(16, levels=2))
+    x = torch.randn(2, 16, 12, 12)
+    first = block.first(x)
+    trunk = block.trunk(first)
+    mask = block.mask_branch(first, trunk)
+    assert mask.shape == trunk.shape and ((mask > 0) & (mask < 1)).all()
+    torch.testing.assert_close(block(x), block.last(trunk + mask * trunk))
+    # the mask goes down by 3x3 / 2 max-pools, rounding up: 12 -> 6 -> 3 at the bottom
+    seen = []
+    block.mask_branch.down[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    block(x)
+    assert seen == [3]
+
+
+def test_attention_nets_take_blocks_in_their_trunk_units_only():
+    model = build_model({"name": "attention56", "stem": "cifar", "width": 8}, {"name": "se", "reduction": 4},
+                        num_classes=10)
+    names = placed(model, ATTENTION_BLOCKS["se"])
+    assert len(names) == 5 + 5 + 5 + 3 and not any("mask_branch" in n for n in names)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

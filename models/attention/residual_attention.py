@@ -1,94 +1,140 @@
-"""Residual attention: a bottom-up top-down soft mask applied as (1 + M(x)) * T(x).
+"""Residual attention: the Attention Module, a trunk and a bottom-up top-down soft mask, (1 + M) * T.
 
 Paper: "Residual Attention Network for Image Classification", Wang, Jiang, Qian, Yang, Li, Zhang,
 Wang, Tang, CVPR 2017. https://arxiv.org/abs/1704.06904 . Reference code:
-https://github.com/fwang91/residual-attention-network
+https://github.com/fwang91/residual-attention-network (Caffe prototxts Attention-56 / Attention-92)
 
-Plugged into a backbone, the unit it follows is the trunk T, so the block returns (1 + M(x)) * x.
-The mask branch goes down by 2x2/2 max-pools with a pre-activation residual unit at each level and a
-skip connection (another residual unit) from each level, then back up by bilinear upsampling, adding
-the skips; BN-ReLU-1x1 conv twice and a sigmoid close it. Its depth is chosen from the feature size,
-as the paper's stages use 3, 2 and 1 pools on 56, 28 and 14: as many halvings (up to ``max_depth``)
-as keep the smallest map at least ``min_size`` wide. Every level's units run at every size (a level
-that cannot pool works at the smallest resolution), so all parameters get gradients.
+As the official module with p = 1, t = 2, r = 1: one pre-activation bottleneck unit, whose output
+feeds both branches; the trunk T is two more units; the soft mask branch starts from the same first
+unit's output and goes down ``levels`` times by 3x3 / 2 max-pooling (Caffe's ceil rounding), one
+unit after each pool and two at the bottom, with a skip unit from every level but the last, then back
+up by bilinear interpolation (Caffe's Interp: corners aligned), adding each skip and running one unit
+after the sum; BN-ReLU-1x1 conv, BN-ReLU-1x1 conv and a sigmoid close it. The output (1 + M) * T
+goes through one last unit. No conv has a bias (``bias_term: false`` throughout the prototxts). The
+paper's stages pool 3, 2 and 1 times on their 56, 28 and 14 maps, down to 7x7; as a plug-in block
+the count is ``levels`` (``by_stage: {levels: [3, 2, 1, 1]}`` gives the paper's on ImageNet ResNets),
+and a map too small to pool (1 pixel) stays at its size.
 """
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.attention.base import AttentionBlock, Maps, require_positive
 
+Factory = Callable[..., nn.Module]
+
 
 class PreActUnit(nn.Module):
-    """Pre-activation bottleneck residual unit (BN-ReLU-conv x 3), width-preserving."""
+    """Pre-activation bottleneck unit: BN-ReLU-1x1, BN-ReLU-3x3 (stride), BN-ReLU-1x1, plus the shortcut.
 
-    def __init__(self, channels: int):
+    The bottleneck is ``out_channels // 4`` wide; where the shape changes the shortcut is a 1x1
+    conv (with the stride) of the activated input, as the prototxts' ``branch2``. ``factories``
+    (the Residual Attention Network's trunk units) place attention blocks as on the ResNets: ``pre``,
+    ``replace_spatial`` / ``spatial_prenorm`` / ``after_spatial`` at the 3x3 conv, ``standard`` at the
+    branch's end, ``identity`` on the shortcut, ``post`` after the add.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1,
+                 factories: Mapping[str, Factory] | None = None):
         super().__init__()
-        inner = max(1, channels // 4)
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, inner, 1, bias=False),
-            nn.BatchNorm2d(inner), nn.ReLU(inplace=True), nn.Conv2d(inner, inner, 3, padding=1, bias=False),
-            nn.BatchNorm2d(inner), nn.ReLU(inplace=True), nn.Conv2d(inner, channels, 1, bias=False),
-        )
+        from models.layers import AttentionSlots  # the layers import the blocks' base: import here, not at the top
+
+        slots = AttentionSlots(factories)
+        out_channels = out_channels or in_channels
+        inner = max(1, out_channels // 4)
+        self.out_channels = out_channels
+        self.attn_pre = slots.at("pre", in_channels)
+        self.preact = nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, inner, 1, bias=False),
+                                   nn.BatchNorm2d(inner), nn.ReLU(inplace=True))
+        self.conv2 = slots.spatial(inner, inner, stride, lambda: nn.Conv2d(inner, inner, 3, stride, 1, bias=False))
+        self.attn_spatial_prenorm = slots.at("spatial_prenorm", inner)
+        self.conv3 = nn.Sequential(nn.BatchNorm2d(inner), nn.ReLU(inplace=True),
+                                   nn.Conv2d(inner, out_channels, 1, bias=False))
+        self.attn_after_spatial = slots.at("after_spatial", inner)
+        self.attn_standard = slots.at("standard", out_channels)
+        self.projection = (nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+                           if stride != 1 or in_channels != out_channels else None)
+        self.attn_identity = slots.at("identity", out_channels)
+        self.attn_post = slots.at("post", out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        return x + self.body(x)
+        """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
+        x = self.attn_pre(x)
+        activated = self.preact(x)
+        shortcut = x if self.projection is None else self.projection(activated)
+        out = self.attn_spatial_prenorm(self.conv2(self.conv1(activated)))
+        norm, act, conv = self.conv3  # after_spatial sits after the 3x3's BN-ReLU
+        out = self.attn_standard(conv(self.attn_after_spatial(act(norm(out)))))
+        return self.attn_post(self.attn_identity(shortcut) + out)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    """3x3 / 2 max-pool, rounding up as Caffe does (56 -> 28 -> 14 -> 7); a 1-pixel map stays."""
+    return F.max_pool2d(x, 3, 2, ceil_mode=True) if min(x.shape[2:]) > 1 else x
+
+
+def _upsample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of ``x`` to ``like``'s size, corners aligned (Caffe's Interp)."""
+    return F.interpolate(x, size=like.shape[2:], mode="bilinear", align_corners=True)
+
+
+class SoftMaskBranch(nn.Module):
+    """Down ``levels`` times (pool, unit; two units at the bottom), up with skips, then the 1x1 closing layers."""
+
+    def __init__(self, channels: int, levels: int):
+        super().__init__()
+        self.down = nn.ModuleList(
+            nn.Sequential(*(PreActUnit(channels) for _ in range(2 if level == levels - 1 else 1)))
+            for level in range(levels))
+        self.skips = nn.ModuleList(PreActUnit(channels) for _ in range(levels - 1))
+        self.up = nn.ModuleList(PreActUnit(channels) for _ in range(levels - 1))
+        self.close = nn.Sequential(
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """x: the first unit's output (B, C, H, W) -> the soft mask (B, C, H', W') at ``trunk``'s size, in (0, 1)."""
+        downs, y = [], x
+        for down in self.down:
+            y = down(_pool(y))
+            downs.append(y)
+        for level in reversed(range(len(self.skips))):  # from the level above the bottom up to the first
+            y = self.up[level](_upsample(y, downs[level]) + self.skips[level](downs[level]))
+        return torch.sigmoid(self.close(_upsample(y, trunk)))
 
 
 class ResidualAttention(AttentionBlock):
-    """Soft mask branch M with sigmoid output; returns (1 + M(x)) * x.
+    """The Attention Module: unit -> (trunk of two units, soft mask) -> (1 + M) * T -> unit.
 
     Args:
         channels: input and output channel count C.
-        max_depth: most max-pool levels in the mask branch (3 in the paper's first stage).
-        min_size: the smallest map a level may pool down to.
+        levels: max-pool levels of the soft mask branch (3, 2, 1 in the paper's stages 1, 2, 3).
     """
 
     default_position = "post"
 
-    def __init__(self, channels: int, max_depth: int = 3, min_size: int = 4):
+    def __init__(self, channels: int, levels: int = 1):
         super().__init__()
-        require_positive(max_depth=max_depth, min_size=min_size)
-        self.max_depth, self.min_size = max_depth, min_size
-        self.down = nn.ModuleList(PreActUnit(channels) for _ in range(max_depth))
-        self.skips = nn.ModuleList(PreActUnit(channels) for _ in range(max_depth - 1))
-        self.up = nn.ModuleList(PreActUnit(channels) for _ in range(max_depth))
-        self.head = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False),
-            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False),
-        )
-
-    def depth(self, h: int, w: int) -> int:
-        """Number of halvings that keep the smallest map at least ``min_size`` wide."""
-        d, size = 0, min(h, w)
-        while d < self.max_depth and size // 2 >= self.min_size:
-            size //= 2
-            d += 1
-        return d
+        require_positive(levels=levels)
+        self.first = PreActUnit(channels)
+        self.trunk = nn.Sequential(PreActUnit(channels), PreActUnit(channels))
+        self.mask_branch = SoftMaskBranch(channels, levels)
+        self.last = PreActUnit(channels)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> soft mask (B, C, H, W) in (0, 1)."""
-        depth = self.depth(*x.shape[2:])
-        sizes, skips, y = [], [], x
-        for level in range(self.max_depth):
-            if level < depth:
-                sizes.append(y.shape[2:])
-                y = F.max_pool2d(y, 2, ceil_mode=True)
-            y = self.down[level](y)
-            if level < self.max_depth - 1:
-                skips.append(self.skips[level](y))
-        for level in reversed(range(self.max_depth)):
-            y = self.up[level](y)
-            if level < depth:
-                y = F.interpolate(y, size=sizes[level], mode="bilinear", align_corners=False)
-            if level > 0:
-                y = y + skips[level - 1]  # taken after the same pool, so at this size
-        return torch.sigmoid(self.head(y))
+        """x: (B, C, H, W) -> the soft mask (B, C, H, W) this block applies to its trunk."""
+        first = self.first(x)
+        return self.mask_branch(first, self.trunk(first))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        return (1 + self.mask(x)) * x
+        first = self.first(x)
+        trunk = self.trunk(first)
+        return self.last((1 + self.mask_branch(first, trunk)) * trunk)
 
     def attention_maps(self, x: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)) -> Maps:
         """The soft mask averaged over channels (B, H, W)."""

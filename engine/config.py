@@ -235,9 +235,10 @@ MODEL_RULES: dict[str, Rule] = {
     "in_chans": POSITIVE_INT, "tau": BELOW_ONE, "width": POSITIVE_INT,
 }
 ATTENTION_RULES: dict[str, Rule] = {
-    **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width", "levels",
-                                     "max_size", "hidden", "divisor", "stride", "head_width")},
-    "kernel_size": optional(POSITIVE_INT), "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
+    **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width",
+                                     "max_size", "hidden", "divisor", "stride")},
+    "kernel_size": optional(POSITIVE_INT), "levels": optional(POSITIVE_INT), "head_width": optional(POSITIVE_INT),
+    "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
     "scale": optional(POSITIVE), "init_std": optional(POSITIVE), "gamma": POSITIVE, "b": Rule(_number, "a number"),
     "units": Rule(lambda v: v is None or (_integer(v) and v != 0) or list_of(NON_ZERO_INT).accepts(v),
                   "a non-zero integer or a list of them (negative: from the stage's end), or null"),

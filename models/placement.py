@@ -57,15 +57,19 @@ class AttentionSpec:
     units: tuple[int, ...] | None = None  # 1-based unit numbers within each chosen stage; None: by ``every``
     by_stage: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
 
-    def factory(self, stage: int | None = None, head: bool = False) -> Factory:
-        """A callable from the backbone's shape arguments to a fresh block, with stage ``stage``'s values;
-        ``head``: the block's paper head (``head_class``) where it has one.
+    def factory(self, stage: int | None = None, num_stages: int | None = None, head: bool = False) -> Factory:
+        """A callable from the backbone's shape arguments to a fresh block, with stage ``stage``'s values.
 
-        A block's ValueError about its own arguments becomes a ConfigError naming the config key.
+        ``head``: the block's paper head (``head_class``) where it has one. A hyper-parameter left null
+        takes the block's ``stage_defaults(stage, num_stages)`` there. A block's ValueError about its own
+        arguments becomes a ConfigError naming the config key.
         """
         kwargs = dict(self.kwargs)
         if stage is not None:
             kwargs.update({key: values[stage - 1] for key, values in self.by_stage.items()})
+            stage_defaults = getattr(self.block, "stage_defaults", None)
+            if stage_defaults is not None and num_stages is not None:
+                kwargs.update({k: v for k, v in stage_defaults(stage, num_stages).items() if kwargs.get(k) is None})
         build = (getattr(self.block, "head_class", None) or self.block) if head else self.block
         return functools.partial(_build_block, self, build, kwargs)
 
@@ -306,7 +310,7 @@ class AttentionPlan:
             if position in ONCE or (at_gate_place and not gates_by_default):
                 continue
             if spec.places(stage, index, depth):
-                chosen.setdefault(position, []).append(spec.factory(stage))
+                chosen.setdefault(position, []).append(spec.factory(stage, len(self.stage_depths)))
         if len(chosen.get("replace_spatial", [])) > 1:
             raise ConfigError(
                 f"stage {stage} unit {index + 1}: two specs replace the same spatial conv; "
@@ -319,7 +323,7 @@ class AttentionPlan:
         factories = [spec.factory() for spec, position, _ in self.entries if position == "stem"]
         return _chain(factories) if factories else None
 
-    def head(self) -> Factory | None:
-        """The factory for the block on the last feature map (a block's paper head where it has one), if any."""
-        factories = [spec.factory(head=True) for spec, position, _ in self.entries if position == "head"]
-        return _chain(factories) if factories else None
+    def head(self) -> list[Factory]:
+        """The factories of the blocks on the last feature map, in spec order (a block's paper head where it
+        has one); each takes the width the one before it produces."""
+        return [spec.factory(head=True) for spec, position, _ in self.entries if position == "head"]

@@ -39,7 +39,7 @@ def gate_blocks(model: Backbone, blocks: list[list[int]] | None,
     ``example``: one model input (1, 3, H, W), run once so that each block's maps of the input it
     receives tell whether it has a "channel gate".
     """
-    stages = list(model.stages)
+    stages = [model.stage_units(index) for index in range(len(model.stages))]  # the plan's unit numbering
     chosen = blocks or [[s, len(stage)] for s, stage in enumerate(stages, start=1)]
     for stage, unit in chosen:
         if not 1 <= stage <= len(stages) or not 1 <= unit <= len(stages[stage - 1]):

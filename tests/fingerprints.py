@@ -26,6 +26,7 @@ BACKBONES = {
     "volo_d1": {"name": "volo_d1", "stem": "cifar", "img_size": 32},
     "agcnn": {"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32},
     "densenet121": {"name": "densenet121", "stem": "cifar"},
+    "attention56": {"name": "attention56", "stem": "cifar", "width": 8},
 }
 # Every position and a composed pair; blocks at the last stage where they are costly.
 ATTENTION = {

@@ -489,7 +489,7 @@ def test_densenet_positions_on_dense_layers_and_transitions():
     layer, transition = model.features.denseblock1.denselayer1, model.features.transition1
     assert isinstance(layer.attn_standard, SqueezeExcite) and layer.attn_standard.fc1.in_channels == 32  # growth
     assert isinstance(transition.attn_standard, SqueezeExcite) and transition.attn_standard.fc1.in_channels == 128
-    assert len(model.stages[0]) == 2 and model.forward_features(torch.randn(2, 3, 32, 32)).shape[-2:] == (4, 4)
+    assert len(model.stages[0]) == 6 + 1 and model.forward_features(torch.randn(2, 3, 32, 32)).shape[-2:] == (4, 4)
     post = build_model({"name": "densenet121", "stem": "cifar"}, {"name": "se", "position": "post", "stages": [1],
                                                                  "units": [-1]}, num_classes=10)
     assert isinstance(post.features.transition1.attn_post, SqueezeExcite)  # the transition is the stage's last unit

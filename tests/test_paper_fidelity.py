@@ -339,14 +339,28 @@ def test_heads_have_the_official_parameter_counts_and_feed_the_classifier(name, 
     assert count_params(model.attn_head) == params
     assert model.fc.in_features == model.attn_head.out_channels == model.num_features
     assert count_params(model) == count_params(plain) + params - (2048 - model.num_features) * 1000
-    assert placed(model, ATTENTION_BLOCKS[name]) in ([], ["attn_head.cca"])  # once: no per-unit blocks
+    inner = {"criss_cross": ["attn_head.cca"], "danet": []}[name]  # once, in the head: no per-unit blocks
+    assert placed(model, ATTENTION_BLOCKS[name]) == inner
+
+
+def test_two_heads_chain_each_on_the_width_the_one_before_produces():
+    model = build_model({"name": "resnet20"}, {"name": "criss_cross"}, [{"name": "danet"}], num_classes=10)
+    rcca, danet = model.attn_head
+    assert rcca.out_channels == 64 // 4 and danet.conv5a[0].in_channels == 16 and model.fc.in_features == 16 // 4
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert list(dict(model.named_children()))[-4:] == ["attn_head", "pool", "dropout", "fc"]  # in network order
 
 
 def test_head_blocks_can_still_go_per_unit_and_fall_back_on_volo():
     per_unit = build_model({"name": "resnet20"}, {"name": "danet", "position": "post", "stages": [-1]}, num_classes=10)
     assert placed(per_unit, ATTENTION_BLOCKS["danet"]) == [f"layer3.{i}.attn_post" for i in range(3)]
-    volo = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "criss_cross"}, num_classes=10)
-    assert isinstance(volo.attn_head, nn.Identity) and placed(volo, ATTENTION_BLOCKS["criss_cross"])
+    volo = build_model({"name": "volo_d1", "stem": "cifar", "img_size": 32}, {"name": "criss_cross", "stages": [-1]},
+                       num_classes=10)
+    cca = ATTENTION_BLOCKS["criss_cross"]
+    assert isinstance(volo.attn_head, nn.Identity)  # VOLO has no feature-map head: post, in the last stage
+    assert all(n.endswith("attn_post.module") for n in placed(volo, cca))
+    assert [sum(isinstance(m, cca) for m in stage.modules()) for stage in volo.stages] == [
+        0] * (len(volo.stages) - 1) + [len(volo.stages[-1])]
 
 
 # --- the Residual Attention Network as the official prototxts ---------------------------------------------
@@ -369,32 +383,62 @@ def test_attention_modules_pool_three_two_one_times_down_to_7x7():
 
     with meta_device():
         model = build_model({"name": "attention92", "stem": "imagenet"}, {"name": "none"})
-    modules = [[m for m in stage if isinstance(m, AttentionStageModule)] for stage in model.stages]
-    assert [len(m) for m in modules] == [1, 2, 3, 0]
-    assert [{len(m.mask_branch.down) for m in stage} for stage in modules[:3]] == [{3}, {2}, {1}]
-    assert [{len(m.mask_branch.skips) for m in stage} for stage in modules[:3]] == [{2}, {1}, {0}]
+        modules = [[m for m in stage if isinstance(m, AttentionStageModule)] for stage in model.stages]
+        assert [len(m) for m in modules] == [1, 2, 3, 0]
+        assert [{len(m.mask_branch.down) for m in stage} for stage in modules[:3]] == [{3}, {2}, {1}]
+        assert [{len(m.mask_branch.skips) for m in stage} for stage in modules[:3]] == [{2}, {1}, {0}]
+        bottoms = []
+        for stage in modules[:3]:
+            stage[0].mask_branch.down[-1].register_forward_hook(lambda m, i, o: bottoms.append(tuple(o.shape[2:])))
+        model(torch.zeros(1, 3, 224, 224))  # shapes only, on the meta device
+    assert bottoms == [(7, 7)] * 3
 
 
-def test_the_attention_module_is_one_plus_mask_times_trunk():
+def test_the_attention_module_is_wired_as_the_prototxts_attention_a():
+    """AttentionA_1 from the prototxt's bottoms: pools from trunk/res1, skips from each level, interp to the level
+    above and finally to trunk/res3, the PROD and the SUM, then branch1."""
     from models.attention.residual_attention import ResidualAttention
 
-    block = _randomise(ResidualAttention(16, levels=2))
-    x = torch.randn(2, 16, 12, 12)
-    first = block.first(x)
-    trunk = block.trunk(first)
-    mask = block.mask_branch(first, trunk)
-    assert mask.shape == trunk.shape and ((mask > 0) & (mask < 1)).all()
-    torch.testing.assert_close(block(x), block.last(trunk + mask * trunk))
-    # the mask goes down by 3x3 / 2 max-pools, rounding up: 12 -> 6 -> 3 at the bottom
-    seen = []
-    block.mask_branch.down[-1].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
-    block(x)
-    assert seen == [3]
+    block = _randomise(ResidualAttention(16, levels=3))
+    x = torch.randn(2, 16, 24, 24)
+    pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)  # noqa: E731
+    interp = lambda t, like: F.interpolate(t, size=like.shape[2:], mode="bilinear", align_corners=True)  # noqa: E731
+    m = block.mask_branch
+    res1 = block.first(x)
+    res3 = block.trunk(res1)
+    d1 = m.down[0](pool(res1))  # down_sample/res1_1
+    d2 = m.down[1](pool(d1))  # down_sample/res2_1
+    d3 = m.down[2](pool(d2))  # down_sample/res3_1, res3_2
+    u2 = m.up[1](interp(d3, d2) + m.skips[1](d2))  # up_sample2 = skip/res2 + interp_3, then up_sample/res2_1
+    u1 = m.up[0](interp(u2, d1) + m.skips[0](d1))  # up_sample1 = skip/res1 + interp_2, then up_sample/res1_1
+    mask = torch.sigmoid(m.close(interp(u1, res3)))  # interp_1, linear_1, linear_2, sigmoid
+    torch.testing.assert_close(block(x), block.last(res3 * mask + res3))
+    assert d3.shape[-1] == 3  # 24 -> 12 -> 6 -> 3, 3x3 / 2 rounding up
 
 
 def test_attention_nets_take_blocks_in_their_trunk_units_only():
     model = build_model({"name": "attention56", "stem": "cifar", "width": 8}, {"name": "se", "reduction": 4},
                         num_classes=10)
     names = placed(model, ATTENTION_BLOCKS["se"])
-    assert len(names) == 5 + 5 + 5 + 3 and not any("mask_branch" in n for n in names)
+    trunk_units = [unit for s in range(len(model.stages)) for unit in model.stage_units(s)]
+    assert len(names) == len(trunk_units) == 5 + 5 + 5 + 3 and not any("mask_branch" in n for n in names)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pre_gates_the_branch_of_a_preact_unit_and_not_its_shortcut():
+    from models.attention.residual_attention import PreActUnit
+    from models.placement import parse_attention_specs
+
+    spec, = parse_attention_specs({"name": "se", "reduction": 4, "position": "pre"})
+    unit = _randomise(PreActUnit(16, factories={"pre": spec.factory()}))
+    x = torch.randn(2, 16, 6, 6)
+    branch = unit.conv3(unit.conv2(unit.conv1(unit.attn_pre(unit.preact(x)))))
+    torch.testing.assert_close(unit(x), x + branch)
+
+
+def test_residual_attention_block_pools_as_the_papers_stages_by_default():
+    with meta_device():
+        model = build("model=resnet50", "data=imagenet", "attention=residual_attention")
+        levels = [[len(u.attn_post.mask_branch.down) for u in model.stages[s]
+                   if not isinstance(u.attn_post, nn.Identity)] for s in range(3)]
+    assert levels == [[3], [2, 2], [1, 1, 1]]  # every other unit of stages 1-3: 3, 2, 1 pools

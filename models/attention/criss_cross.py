@@ -12,7 +12,8 @@ position. Pure PyTorch: row and column attention as einsums, never an (HW) x (HW
 At position ``head`` (its default) the block is CCNet's RCCA module as the official ``RCCAModule``:
 3x3 conv to C / 4 + BN + leaky ReLU (0.01, the official InPlaceABN's), criss-cross attention R times
 with shared weights, 3x3 conv + BN + leaky ReLU, concatenation with the input, a 3x3 bottleneck conv
-to ``head_width`` (512) + BN + leaky ReLU, Dropout2d(0.1); the classifier pools that. The official
+to ``head_width`` (C / 4 by default: 512 on ResNet-50's 2048 channels, as CCNet) + BN + leaky ReLU,
+Dropout2d(0.1); the classifier pools that. The official
 code's 1x1 segmentation classifier is the backbone's linear classifier here.
 """
 import torch
@@ -30,13 +31,14 @@ def conv_bn_act(in_channels: int, out_channels: int, activation: nn.Module) -> n
 class RCCAHead(nn.Module):
     """CCNet's recurrent criss-cross attention head on the last feature map (see the module docstring).
 
-    Args: as ``CrissCrossAttention``; ``head_width`` is the output width (512 in CCNet).
+    Args: as ``CrissCrossAttention``; ``head_width`` is the output width (None: C / 4, CCNet's 512 on 2048).
     """
 
-    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2, head_width: int = 512):
+    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2, head_width: int | None = None):
         super().__init__()
         require_positive(head_width=head_width)
         inner = max(1, channels // 4)
+        head_width = head_width or inner
         self.out_channels = head_width
         self.conva = conv_bn_act(channels, inner, nn.LeakyReLU(0.01, inplace=True))
         self.cca = CrissCrossAttention(inner, reduction, recurrence)
@@ -57,13 +59,14 @@ class CrissCrossAttention(AttentionBlock):
         channels: input and output channel count C.
         reduction: query/key width is C // reduction (8 in the paper).
         recurrence: R, how many times the shared module is applied.
-        head_width: the RCCA head's output width, at position ``head`` only (512 in CCNet).
+        head_width: the RCCA head's output width, at position ``head`` only (None: C / 4, CCNet's 512).
     """
 
     default_position = "head"
     fallback_position = "post"  # after the units of the chosen stages where a backbone has no head (VOLO)
+    head_class = RCCAHead
 
-    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2, head_width: int = 512):
+    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2, head_width: int | None = None):
         super().__init__()
         require_positive(reduction=reduction, recurrence=recurrence, head_width=head_width)
         inner = max(1, channels // reduction)
@@ -107,6 +110,3 @@ class CrissCrossAttention(AttentionBlock):
         weights[:, :, j] += a_col[:, i, j]  # zero at (i, j): masked in the column
         weights[:, i, :] += a_row[:, i, j]
         return {"query attention": ("query", weights)}
-
-
-CrissCrossAttention.head_class = RCCAHead

@@ -11,11 +11,11 @@ unit after each pool and two at the bottom, with a skip unit from every level bu
 up by bilinear interpolation (Caffe's Interp: corners aligned), adding each skip and running one unit
 after the sum; BN-ReLU-1x1 conv, BN-ReLU-1x1 conv and a sigmoid close it. The output (1 + M) * T
 goes through one last unit. No conv has a bias (``bias_term: false`` throughout the prototxts). The
-paper's stages pool 3, 2 and 1 times on their 56, 28 and 14 maps, down to 7x7; as a plug-in block
-the count is ``levels`` (``by_stage: {levels: [3, 2, 1, 1]}`` gives the paper's on ImageNet ResNets),
-and a map too small to pool (1 pixel) stays at its size.
+paper's stages pool 3, 2 and 1 times on their 56, 28 and 14 maps, down to the last stage's 7x7; as a
+plug-in block ``levels: null`` follows that rule, pooling (number of stages - stage) times, at least
+once (3, 2, 1 on ImageNet ResNets' stages 1-3), and a map too small to pool (1 pixel) stays at its size.
 """
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ class PreActUnit(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None, stride: int = 1,
                  factories: Mapping[str, Factory] | None = None):
         super().__init__()
-        from models.layers import AttentionSlots  # the layers import the blocks' base: import here, not at the top
+        # imported here: models.layers loads the models.attention package, whose __init__ imports this file
+        from models.layers import AttentionSlots
 
         slots = AttentionSlots(factories)
         out_channels = out_channels or in_channels
@@ -62,10 +63,9 @@ class PreActUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H/stride, W/stride)."""
-        x = self.attn_pre(x)
         activated = self.preact(x)
-        shortcut = x if self.projection is None else self.projection(activated)
-        out = self.attn_spatial_prenorm(self.conv2(self.conv1(activated)))
+        shortcut = x if self.projection is None else self.projection(activated)  # ungated, as on the ResNets
+        out = self.attn_spatial_prenorm(self.conv2(self.conv1(self.attn_pre(activated))))
         norm, act, conv = self.conv3  # after_spatial sits after the 3x3's BN-ReLU
         out = self.attn_standard(conv(self.attn_after_spatial(act(norm(out)))))
         return self.attn_post(self.attn_identity(shortcut) + out)
@@ -112,18 +112,34 @@ class ResidualAttention(AttentionBlock):
 
     Args:
         channels: input and output channel count C.
-        levels: max-pool levels of the soft mask branch (3, 2, 1 in the paper's stages 1, 2, 3).
+        levels: max-pool levels of the soft mask branch (3, 2, 1 in the paper's stages 1, 2, 3); None:
+            by the stage (``stage_defaults``), once at a stageless position.
     """
 
     default_position = "post"
 
-    def __init__(self, channels: int, levels: int = 1):
+    def __init__(self, channels: int, levels: int | None = None):
         super().__init__()
+        levels = 1 if levels is None else levels
         require_positive(levels=levels)
-        self.first = PreActUnit(channels)
-        self.trunk = nn.Sequential(PreActUnit(channels), PreActUnit(channels))
+        self.build(channels, levels, (None,) * 4)
+
+    def build(self, channels: int, levels: int, unit_factories: Sequence[Mapping[str, Factory] | None]) -> None:
+        """The module's units and mask branch; ``unit_factories`` place attention blocks in the four units."""
+        self.first = PreActUnit(channels, factories=unit_factories[0])
+        self.trunk = nn.Sequential(PreActUnit(channels, factories=unit_factories[1]),
+                                   PreActUnit(channels, factories=unit_factories[2]))
         self.mask_branch = SoftMaskBranch(channels, levels)
-        self.last = PreActUnit(channels)
+        self.last = PreActUnit(channels, factories=unit_factories[3])
+
+    @staticmethod
+    def stage_defaults(stage: int, num_stages: int) -> dict[str, int]:
+        """The paper's pool count for a block in ``stage``: down to the last stage's map size, at least once."""
+        return {"levels": max(1, num_stages - stage)}
+
+    def units(self) -> list[nn.Module]:
+        """The four pre-activation units of the trunk path, in order."""
+        return [self.first, *self.trunk, self.last]
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> the soft mask (B, C, H, W) this block applies to its trunk."""

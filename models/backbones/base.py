@@ -42,16 +42,21 @@ class Backbone(nn.Module):
     # Submodules that get no gradient in some training phase (DDP must then look for unused parameters).
     unused_in_some_phase: tuple[str, ...] = ()
 
-    def __init__(self):
+    def __init__(self) -> None:
+        """No head block until ``attach_head`` places one."""
         super().__init__()
         self.attn_head: nn.Module = nn.Identity()
 
-    def attach_head(self, factory: Callable[..., nn.Module] | None) -> None:
-        """Put the ``head`` position's block on the last feature map (``num_features`` wide); the classifier,
-        built after this, then takes the head's output width."""
-        if factory is not None:
-            self.attn_head = factory(self.num_features)
-            self.num_features = getattr(self.attn_head, "out_channels", self.num_features)
+    def attach_head(self, factories: Sequence[Callable[..., nn.Module]]) -> None:
+        """Put the ``head`` position's blocks on the last feature map (``num_features`` wide), each on the width
+        the one before produces; the classifier, built after this, takes the last one's width."""
+        blocks = []
+        for factory in factories:
+            blocks.append(factory(self.num_features))
+            self.num_features = getattr(blocks[-1], "out_channels", self.num_features)
+        if blocks:
+            del self.attn_head  # registered again here, after the stages: the module tree in network order
+            self.attn_head = blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> the first stage's input (with the stem's attention block)."""
@@ -133,8 +138,13 @@ class Backbone(nn.Module):
         return None
 
     def cam_layer(self) -> nn.Module:
-        """The module whose (B, C, h, w) output Grad-CAM explains: the last stage."""
-        return self.stages[-1]
+        """The module whose (B, C, h, w) output Grad-CAM explains: the head block where there is one, else the
+        last stage (the map the classifier pools)."""
+        return self.stages[-1] if isinstance(self.attn_head, nn.Identity) else self.attn_head
+
+    def stage_units(self, index: int) -> list[nn.Module]:
+        """The units of stage ``index`` (0-based) in the attention plan's numbering (``units:``, ``every``)."""
+        return list(self.stages[index])
 
     def parts(self) -> dict[str, nn.Module]:
         """The parts a complexity table lists: the stages."""

@@ -125,7 +125,7 @@ class DenseNet(Backbone):
                 for i in range(depth)))
             channels += depth * growth
             layers.append((f"denseblock{s}", block))
-            stage = [block]
+            stage = list(block)  # the stage's units: its dense layers, then its transition
             if s < len(depths):
                 transition = Transition(channels, channels // 2, plan.unit(s, depth))
                 channels //= 2
@@ -155,8 +155,12 @@ class DenseNet(Backbone):
 
     @property
     def stages(self) -> nn.ModuleList:
-        """Stage s (1-based) is ``stages[s - 1]``: dense block s and, for s < 4, its transition."""
+        """Stage s (1-based) is ``stages[s - 1]``: dense block s's layers and, for s < 4, its transition."""
         return self._stage_list
+
+    def cam_layer(self) -> nn.Module:
+        """The head block where there is one, else ``norm5``: the map the classifier pools (after its ReLU)."""
+        return self.features.norm5 if isinstance(self.attn_head, nn.Identity) else self.attn_head
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> (B, 64, H/r, W/r)."""

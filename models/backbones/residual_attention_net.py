@@ -20,29 +20,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.attention.residual_attention import PreActUnit, SoftMaskBranch
+from models.attention.residual_attention import PreActUnit, ResidualAttention
 from models.backbones.base import PooledBackbone, register_backbone
 from models.layers import check_stem, restore_block_inits, stem_slot
 from models.placement import POSITIONS, AttentionPlan, AttentionSpec
 
 
-class AttentionStageModule(nn.Module):
-    """The Attention Module as a stage of the network, its four trunk units taking attention blocks."""
+class AttentionStageModule(ResidualAttention):
+    """The Attention Module as part of the network: its four trunk units take the plan's attention blocks."""
 
     def __init__(self, channels: int, levels: int, unit_factories: Sequence[dict]):
-        super().__init__()
+        nn.Module.__init__(self)
         self.out_channels = channels
-        self.first = PreActUnit(channels, factories=unit_factories[0])
-        self.trunk = nn.Sequential(PreActUnit(channels, factories=unit_factories[1]),
-                                   PreActUnit(channels, factories=unit_factories[2]))
-        self.mask_branch = SoftMaskBranch(channels, levels)
-        self.last = PreActUnit(channels, factories=unit_factories[3])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W): last((1 + M) * T)."""
-        first = self.first(x)
-        trunk = self.trunk(first)
-        return self.last((1 + self.mask_branch(first, trunk)) * trunk)
+        self.build(channels, levels, unit_factories)
 
 
 class ResidualAttentionNet(PooledBackbone):
@@ -104,6 +94,13 @@ class ResidualAttentionNet(PooledBackbone):
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> (B, width, H/4, W/4) (ImageNet stem) or (B, width, H, W) (CIFAR stem)."""
         return self.attn_stem(self.stem(x))
+
+    def stage_units(self, index: int) -> list[nn.Module]:
+        """Stage ``index``'s trunk units in the plan's numbering: the first unit, then each module's four."""
+        units = []
+        for module in self.stages[index]:
+            units += module.units() if isinstance(module, AttentionStageModule) else [module]
+        return units
 
     def forward_neck(self, x: torch.Tensor) -> torch.Tensor:
         """Stage 4's output -> BN-ReLU (the units are pre-activation: the last sum is not yet activated)."""

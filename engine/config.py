@@ -235,15 +235,15 @@ MODEL_RULES: dict[str, Rule] = {
     "in_chans": POSITIVE_INT, "tau": BELOW_ONE, "width": POSITIVE_INT,
 }
 ATTENTION_RULES: dict[str, Rule] = {
-    **{key: POSITIVE_INT for key in ("reduction", "heads", "every", "recurrence", "min_width",
+    **{key: POSITIVE_INT for key in ("reduction", "every", "recurrence", "min_width",
                                      "max_size", "hidden", "divisor", "stride")},
-    "kernel_size": optional(POSITIVE_INT), "levels": optional(POSITIVE_INT), "head_width": optional(POSITIVE_INT),
+    "kernel_size": optional(POSITIVE_INT), "levels": optional(POSITIVE_INT), "heads": optional(POSITIVE_INT), "head_width": optional(POSITIVE_INT),
     "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
     "scale": optional(POSITIVE), "init_std": optional(POSITIVE), "gamma": POSITIVE, "b": Rule(_number, "a number"),
     "units": Rule(lambda v: v is None or (_integer(v) and v != 0) or list_of(NON_ZERO_INT).accepts(v),
                   "a non-zero integer or a list of them (negative: from the stage's end), or null"),
     "by_stage": Rule(lambda v: v is None or isinstance(v, dict), "a mapping {key: [one value per stage]}, or null"),
-    **{key: BOOLEAN for key in ("bias", "spatial", "subsample", "rel_pos", "qkv_bias")},
+    **{key: BOOLEAN for key in ("bias", "spatial", "subsample", "rel_pos", "qkv_bias", "scaled")},
 }
 
 # Rules across keys: (the keys, whether their values go together, what is allowed).

@@ -34,10 +34,11 @@ POSITIONS = {
     "after_spatial": "after the unit's first spatial conv (with its norm and activation)",
     "replace_spatial": "replaces that spatial conv; takes in_channels, out_channels, stride",
     "spatial_prenorm": "after the unit's last spatial conv, before its norm",
+    "input": "once, on the input image, before the stem",
     "stem": "once, after the stem",
     "head": "once, on the last feature map, before pooling (the classifier is built on the head's output width)",
 }
-ONCE = ("stem", "head")  # positions outside the stages: one block each, whatever ``stages`` says
+ONCE = ("input", "stem", "head")  # positions outside the stages: one block each, whatever ``stages`` says
 SPEC_KEYS = ("name", "stages", "position", "every", "units", "by_stage")
 
 Factory = Callable[..., nn.Module]
@@ -321,6 +322,11 @@ class AttentionPlan:
     def stem(self) -> Factory | None:
         """The factory for the block after the stem, if any spec asks for one."""
         factories = [spec.factory() for spec, position, _ in self.entries if position == "stem"]
+        return _chain(factories) if factories else None
+
+    def input(self) -> Factory | None:
+        """The factory for the block on the input image, if any spec asks for one."""
+        factories = [spec.factory() for spec, position, _ in self.entries if position == "input"]
         return _chain(factories) if factories else None
 
     def head(self) -> list[Factory]:

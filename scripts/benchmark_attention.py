@@ -30,10 +30,10 @@ from models.attention.eca import eca_kernel_size
 class TimmOutlook(nn.Module):
     """timm's VOLO outlook attention in the same residual (B, C, H, W) form as ours."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, heads: int):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
-        self.attention = TimmOutlookAttention(channels, num_heads=1, kernel_size=3, padding=1, stride=2)
+        self.attention = TimmOutlookAttention(channels, num_heads=heads, kernel_size=3, padding=1, stride=2)
 
     def forward(self, x):
         """x: (B, C, H, W) -> (B, C, H, W)."""
@@ -50,7 +50,7 @@ def timm_equivalent(name: str, c: int, size: int) -> nn.Module | None:
         "gc": lambda: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_channels=c // 16),
         "nonlocal": lambda: NonLocalAttn(c, rd_channels=c // 2, use_scale=False),
         "mhsa": lambda: BottleneckAttn(c, c, feat_size=(size, size), num_heads=4),
-        "outlook": lambda: TimmOutlook(c),
+        "outlook": lambda: TimmOutlook(c, ATTENTION_BLOCKS["outlook"](c).attention.heads),  # our default heads
     }.get(name, lambda: None)()
 
 

@@ -36,7 +36,7 @@ ATTENTION = {
     "eca_identity": ({"name": "eca", "position": "identity"}, []),
     "gc_after_spatial": ({"name": "gc", "position": "after_spatial"}, []),
     "mhsa_replace": ({"name": "mhsa", "stages": [-1], "heads": 2}, []),
-    "stn_stem": ({"name": "stn"}, []),
+    "stn_stem": ({"name": "stn", "position": "stem"}, []),
     "coord": ({"name": "coord"}, []),
     "se_and_nonlocal_post": ({"name": "se", "stages": [1]}, [{"name": "nonlocal", "stages": [-1], "every": 2}]),
 }

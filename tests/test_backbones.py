@@ -191,7 +191,7 @@ def test_every_block_at_every_position_it_takes(unit, name, position):
     kinds = tuple(k for k in (block_type, block_type.head_class) if k is not None)
     found = [m for m in model.modules() if isinstance(m, kinds)]
     inside = {id(c) for m in found for c in m.modules() if c is not m}  # the RCCA head's own criss-cross module
-    assert len([m for m in found if id(m) not in inside]) == (1 if position in ("stem", "head") else 2)
+    assert len([m for m in found if id(m) not in inside]) == (1 if position in models.placement.ONCE else 2)
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -195,11 +195,13 @@ class ThrowawayNet(PooledBackbone):
         super().__init__()
         depths = (2, 2)
         plan = AttentionPlan(attention, "throwaway_net", depths, positions=POSITIONS)
+        self.attach_input(plan.input(), 3)
         self.stem = nn.Conv2d(3, width, 3, padding=1)
         self.attn_stem = stem_slot(plan.stem(), width)
         stages, _, self.num_features = build_stages(depths, width, lambda s, i, c: ThrowawayUnit(
             c, width * s, 2 if i == 0 and s > 1 else 1, plan.unit(s, i)))
         self.stages = nn.ModuleList(stages)
+        self.attach_head(plan.head())
         self.build_head(num_classes)
         restore_block_inits(self)
 

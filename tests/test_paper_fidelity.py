@@ -16,7 +16,7 @@ from tests.helpers import compose_config, meta_device
 
 GATES = ("se", "cbam", "eca", "gc", "coord", "simam", "triplet")
 FIXED_PLACE = sorted(set(ATTENTION_BLOCKS) - set(GATES))
-SLOT = {"post": "attn_post", "stem": "attn_stem", "replace_spatial": "depthwise.0", "head": "attn_head"}  # MobileNetV2's
+SLOT = {"post": "attn_post", "input": "attn_input", "replace_spatial": "depthwise.0", "head": "attn_head"}  # MobileNetV2's
 
 
 def build(*overrides: str) -> nn.Module:
@@ -42,7 +42,7 @@ def test_gates_go_after_the_depthwise_conv_on_the_mobile_nets(backbone, name):
 
 
 @pytest.mark.parametrize("name,position", [("se", "attn_standard"), ("simam", "attn_spatial_prenorm"),
-                                           ("nonlocal", "attn_post"), ("stn", "attn_stem")])
+                                           ("nonlocal", "attn_post"), ("stn", "attn_input")])
 def test_resnets_leave_the_place_to_the_block(name, position):
     model = build_model({"name": "resnet20"}, {"name": name}, num_classes=10)
     names = placed(model, ATTENTION_BLOCKS[name])
@@ -442,3 +442,45 @@ def test_residual_attention_block_pools_as_the_papers_stages_by_default():
         levels = [[len(u.attn_post.mask_branch.down) for u in model.stages[s]
                    if not isinstance(u.attn_post, nn.Identity)] for s in range(3)]
     assert levels == [[3], [2, 2], [1, 1, 1]]  # every other unit of stages 1-3: 3, 2, 1 pools
+
+
+# --- smaller differences: SASA's unscaled logits, STN on the image, outlook's heads -------------------------
+
+def test_sasa_logits_are_unscaled_as_the_papers_equation_and_scaled_on_request():
+    from models.attention import LocalSelfAttention
+
+    torch.manual_seed(0)
+    paper, scaled = LocalSelfAttention(16, 16, heads=2), LocalSelfAttention(16, 16, heads=2, scaled=True)
+    scaled.load_state_dict(paper.state_dict())
+    x = torch.randn(1, 16, 9, 9)  # the centre's 7x7 window lies inside the map: nothing masked
+    d, kk, centre = 8, 49, 4 * 9 + 4
+    q = paper.q(x).view(1, 2, d, 81)[0, 0, :, centre]  # head 0
+    k = F.unfold(paper.kv(x), 7, padding=3).view(1, 2, 2, d, kk, 81)[0, 0, 0, :, :, centre]  # its 7x7 keys
+    rel = torch.cat([paper.rel_row.unsqueeze(2).expand(-1, -1, 7).reshape(d // 2, kk),
+                     paper.rel_col.unsqueeze(1).expand(-1, 7, -1).reshape(d // 2, kk)])
+    logits = q @ (k + rel)  # Eq. 2: q^T k_ab + q^T r_{a-i,b-j}, no 1/sqrt(d)
+    for block, scale in ((paper, 1.0), (scaled, d ** -0.5)):
+        weights, _ = block._window_attention(x)
+        torch.testing.assert_close(weights[0, 0, centre, 0], torch.softmax(logits * scale, dim=-1))
+
+
+@pytest.mark.parametrize("backbone", ["resnet20", "mobilenetv2", "volo_d1", "densenet121", "attention56"])
+def test_stn_transforms_the_input_image_by_default(backbone):
+    from models.backbones.base import SMALL_OPTIONS
+
+    model = build_model({"name": backbone, **SMALL_OPTIONS[backbone]}, {"name": "stn"}, num_classes=10)
+    assert placed(model, ATTENTION_BLOCKS["stn"]) == ["attn_input"]
+    assert model.attn_input.localization[0].in_channels == 3  # it sees the image
+    seen = []
+    model.attn_input.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    image = torch.randn(2, 3, 32, 32)
+    model(image)
+    assert seen[0] is image
+
+
+def test_outlook_heads_default_to_volos_stage_one_head_width():
+    from models.attention import Outlook
+
+    assert Outlook(192).attention.heads == 6  # VOLO-D1's stage 1: 192 channels, 6 heads
+    assert Outlook(256).attention.heads == 8  # VOLO-D2's
+    assert Outlook(100).attention.heads == 2 and Outlook(16).attention.heads == 1  # the most heads dividing C

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 # A block at one of these maps a (B, C, H, W) feature map to one of the same shape.
-MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "spatial_prenorm", "stem",
-                           "head"})
+MAP_POSITIONS = frozenset({"standard", "pre", "post", "identity", "after_spatial", "spatial_prenorm", "input",
+                           "stem", "head"})
 # A block here replaces a unit's spatial conv: it takes (in_channels, out_channels, stride) like the conv.
 SPATIAL_POSITIONS = frozenset({"replace_spatial"})
 

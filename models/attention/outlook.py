@@ -128,14 +128,19 @@ class Outlook(AttentionBlock):
 
     Args:
         channels: input and output channel count C.
-        heads, kernel_size, padding, stride: as ``OutlookAttention`` (VOLO: K=3, padding 1, stride 2).
+        heads: attention heads; None: VOLO's stage-1 head width of 32 channels (6 heads at D1's 192, 8 at
+            D2's 256), i.e. the most heads up to C // 32 that divide C, at least 1.
+        kernel_size, padding, stride: as ``OutlookAttention`` (VOLO: K=3, padding 1, stride 2).
     """
 
     default_position = "post"
 
-    def __init__(self, channels: int, heads: int = 1, kernel_size: int = 3, padding: int = 1, stride: int = 2):
+    def __init__(self, channels: int, heads: int | None = None, kernel_size: int = 3, padding: int = 1,
+                 stride: int = 2):
         super().__init__()
         require_positive(heads=heads, kernel_size=kernel_size, stride=stride)
+        if heads is None:
+            heads = max(h for h in range(1, max(1, channels // 32) + 1) if channels % h == 0)
         self.norm = nn.LayerNorm(channels)
         self.attention = OutlookAttention(channels, heads, kernel_size, padding, stride)
 

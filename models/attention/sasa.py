@@ -23,13 +23,14 @@ class LocalSelfAttention(AttentionBlock):
         in_channels, out_channels, stride: the replaced conv's shape.
         kernel_size: neighbourhood size k (odd; 7 in the paper).
         heads: attention heads (8 in the paper).
+        scaled: scale the logits by d^-1/2 as the Transformer does; the paper's Eq. 2 does not (False).
     """
 
     default_position = "replace_spatial"
     positions = SPATIAL_POSITIONS
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7,
-                 heads: int = 8):
+                 heads: int = 8, scaled: bool = False):
         super().__init__()
         require_positive(stride=stride, kernel_size=kernel_size, heads=heads)
         if out_channels % heads or (out_channels // heads) % 2:
@@ -37,6 +38,7 @@ class LocalSelfAttention(AttentionBlock):
         if kernel_size % 2 == 0 or stride not in (1, 2):
             raise ValueError(f"kernel_size={kernel_size} must be odd and stride={stride} 1 or 2")
         self.k, self.heads, self.dim = kernel_size, heads, out_channels // heads
+        self.scale = self.dim ** -0.5 if scaled else 1.0
         self.q = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.kv = nn.Conv2d(in_channels, 2 * out_channels, 1, bias=False)
         self.rel_row = nn.Parameter(torch.randn(self.dim // 2, kernel_size) * self.dim ** -0.5)
@@ -47,7 +49,7 @@ class LocalSelfAttention(AttentionBlock):
         """x: (B, C_in, H, W) -> window weights (B, n, HW, 1, k*k) and window values (B, n, HW, d, k*k)."""
         b, _, h, w = x.shape
         kk, n, d = self.k * self.k, self.heads, self.dim
-        q = (self.q(x) * d ** -0.5).view(b, n, d, h * w).permute(0, 1, 3, 2).unsqueeze(3)  # B, n, HW, 1, d
+        q = (self.q(x) * self.scale).view(b, n, d, h * w).permute(0, 1, 3, 2).unsqueeze(3)  # B, n, HW, 1, d
         kv = F.unfold(self.kv(x), self.k, padding=self.k // 2).view(b, 2, n, d, kk, h * w)
         k, v = kv.permute(1, 0, 2, 5, 3, 4).unbind(0)  # B, n, HW, d, k*k
         rel = torch.cat([  # d, k*k: row offset in the first half, column offset in the second

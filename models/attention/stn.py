@@ -5,8 +5,9 @@ https://arxiv.org/abs/1506.02025
 
 A localisation net regresses an affine theta from the feature map; the map is resampled on the
 transformed grid (bilinear). The regressor's last layer starts at zero weights and the identity
-bias, so the block starts as the identity transform. Default position ``stem`` (it transforms the
-stem's output); any other position resamples the feature map there.
+bias, so the block starts as the identity transform. Default position ``input``: the paper's
+classification networks (distorted MNIST, Street View House Numbers, CUB) put the transformer on the
+input image; any other position resamples the feature map there (``stem``: the stem's output).
 """
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ class SpatialTransformer(AttentionBlock):
         hidden: width of the localisation net.
     """
 
-    default_position = "stem"
+    default_position = "input"  # the paper's classification networks transform the input image
 
     def __init__(self, channels: int, hidden: int = 32):
         super().__init__()

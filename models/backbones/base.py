@@ -43,9 +43,15 @@ class Backbone(nn.Module):
     unused_in_some_phase: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        """No head block until ``attach_head`` places one."""
+        """No input or head block until ``attach_input`` and ``attach_head`` place them."""
         super().__init__()
+        self.attn_input: nn.Module = nn.Identity()
         self.attn_head: nn.Module = nn.Identity()
+
+    def attach_input(self, factory: Callable[..., nn.Module] | None, in_chans: int) -> None:
+        """Put the ``input`` position's block on the image (``in_chans`` channels), before the stem."""
+        if factory is not None:
+            self.attn_input = factory(in_chans)
 
     def attach_head(self, factories: Sequence[Callable[..., nn.Module]]) -> None:
         """Put the ``head`` position's blocks on the last feature map (``num_features`` wide), each on the width
@@ -76,7 +82,7 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> what ``forward_head`` takes (a (B, C, h, w) map for the CNNs)."""
-        x = self.forward_stem(x)
+        x = self.forward_stem(self.attn_input(x))
         for index, stage in enumerate(self.stages):
             x = stage(self.between_stages(index, x))
         return self.attn_head(self.forward_neck(x))
@@ -95,7 +101,7 @@ class Backbone(nn.Module):
         """
         take, last = feature_take_indices(len(self.stages), indices)
         maps = []
-        x = self.forward_stem(x)
+        x = self.forward_stem(self.attn_input(x))
         for index, stage in enumerate(self.stages):
             if intermediates_only and index > last:
                 break

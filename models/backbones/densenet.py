@@ -23,7 +23,7 @@ from models.layers import AttentionSlots, check_stem, restore_block_inits, stem_
 from models.placement import AttentionPlan, AttentionSpec, Factory
 
 # Positions a dense layer or a transition offers (see their docstrings).
-DENSENET_POSITIONS = ("pre", "standard", "identity", "post", "replace_spatial", "stem", "head")
+DENSENET_POSITIONS = ("pre", "standard", "identity", "post", "replace_spatial", "input", "stem", "head")
 
 
 class DenseLayer(nn.Module):
@@ -111,6 +111,7 @@ class DenseNet(Backbone):
         check_stem(stem)
         unit_counts = [d + (s < len(depths)) for s, d in enumerate(depths, start=1)]  # + the transition
         plan = AttentionPlan(attention, name, unit_counts, positions=DENSENET_POSITIONS, gate_position="standard")
+        self.attach_input(plan.input(), in_chans)
         layers: list[tuple[str, nn.Module]] = [
             ("conv0", nn.Conv2d(in_chans, init_channels, 7, 2, 3, bias=False) if stem == "imagenet"
              else nn.Conv2d(in_chans, init_channels, 3, 1, 1, bias=False)),

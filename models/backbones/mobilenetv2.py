@@ -81,6 +81,7 @@ class MobileNetV2(PooledBackbone):
         check_stem(stem)
         plan = AttentionPlan(attention, "mobilenetv2", [n for _, _, n, _ in ROWS], positions=POSITIONS,
                              gate_position="after_spatial")
+        self.attach_input(plan.input(), in_chans)
         channels = make_divisible(32 * width_mult, 8)
         self.stem = conv_bn_relu6(in_chans, channels, 3, 2 if stem == "imagenet" else 1)
         self.attn_stem = stem_slot(plan.stem(), channels)

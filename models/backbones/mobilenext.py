@@ -120,6 +120,7 @@ class MobileNeXt(PooledBackbone):
             raise ValueError(f"identity_mult={identity_mult} must be in (0, 1]")
         plan = AttentionPlan(attention, "mobilenext", [b for _, _, b, _ in ROWS], positions=POSITIONS,
                              gate_position="after_spatial")
+        self.attach_input(plan.input(), in_chans)
         channels = make_divisible(32 * width_mult, 8)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), 8)
         self.stem = conv_bn_relu6(in_chans, channels, 3, 2 if stem == "imagenet" else 1)

@@ -56,6 +56,7 @@ class ResidualAttentionNet(PooledBackbone):
         check_stem(stem)
         depths = [1 + 4 * m for m in modules_per_stage] + [3]  # trunk units per stage
         plan = AttentionPlan(attention, name, depths, positions=POSITIONS)
+        self.attach_input(plan.input(), in_chans)
         imagenet = stem == "imagenet"
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, width, 7 if imagenet else 3, 2 if imagenet else 1, 3 if imagenet else 1, bias=False),

@@ -207,6 +207,7 @@ class ResNet(PooledBackbone):
             raise ValueError(f"shortcut='{shortcut}' is not valid; use projection or pad")
         norm_layer = norm_factory(norm, norm_groups)
         plan = AttentionPlan(attention, name, depths, positions=POSITIONS)
+        self.attach_input(plan.input(), in_chans)
         # torchvision's names (conv1, bn1, relu, maxpool) keep state dicts interchangeable.
         self.conv1, self.maxpool = _stem(stem, in_chans, widths[0])
         self.bn1 = norm_layer(widths[0])

@@ -39,7 +39,7 @@ from models.placement import AttentionPlan, AttentionSpec
 
 # Where attention blocks go in a VOLO unit: x -> pre -> [norm1, mixer] -> after_spatial -> add ->
 # [norm2, MLP] -> standard -> add -> post; replace_spatial replaces the mixer; stem follows the patch embedding.
-VOLO_POSITIONS = ("pre", "after_spatial", "replace_spatial", "standard", "post", "stem")
+VOLO_POSITIONS = ("pre", "after_spatial", "replace_spatial", "standard", "post", "input", "stem")
 MIXERS = ("outlook", "local_sa", "conv", "mhsa")
 
 # Variants: blocks per stage, widths, heads, MLP ratio, stem width (timm's volo_d*_224 arguments).
@@ -244,6 +244,7 @@ class VOLO(Backbone):
         if img_size % (patch * 2):
             raise ValueError(f"img_size={img_size} must be a multiple of {patch * 2} for the {stem} stem")
         plan = AttentionPlan(attention, name, layers, positions=VOLO_POSITIONS, gate_position="standard")
+        self.attach_input(plan.input(), in_chans)
         self.patch_embed = PatchEmbed(in_chans, stem_hidden_dim, embed_dims[0], 2 if stem == "imagenet" else 1,
                                       patch // 2 if stem == "imagenet" else patch)
         self.attn_stem = stem_slot(plan.stem(), embed_dims[0], tokens=True)

@@ -113,7 +113,7 @@ def cifar_transform(cfg: DictConfig, train: bool) -> TrainTransform | T.Compose:
             "img_mean": tuple(round(255 * m) for m in cfg.mean),
         }
         library.append(rand_augment_transform(cfg.randaugment, hparams))
-    after = [RandomErasing(cfg.reprob, mode="pixel", device="cpu")] if cfg.reprob > 0 else []
+    after = [RandomErasing(cfg.reprob, mode=cfg.remode, device="cpu")] if cfg.reprob > 0 else []
     return TrainTransform(cifar_crop_flip(cfg), library, post, after)
 
 
@@ -161,6 +161,8 @@ def imagenet_transform(cfg: DictConfig, train: bool) -> TrainTransform | T.Compo
         is_training=train,
         auto_augment=cfg.randaugment if train else None,
         re_prob=cfg.reprob if train else 0.0,
+        re_mode=cfg.remode,
+        color_jitter=(cfg.color_jitter or None) if train else None,  # None: no ColorJitter at all
         interpolation=cfg.interpolation,
         mean=tuple(float(m) for m in cfg.mean),
         std=tuple(float(s) for s in cfg.std),

@@ -24,6 +24,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "exponential", "none")
+ERASING_MODES = ("pixel", "rand", "const")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -52,6 +53,9 @@ class DataConfig:
     # timm augmentation, all off by default
     randaugment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1
     reprob: float = 0.0  # random erasing probability
+    remode: str = "pixel"  # random erasing fill: pixel (per-pixel noise, timm's scripts and VOLO's) | rand | const
+    color_jitter: float = 0.0  # ImageNet recipe: timm's colour jitter strength; 0 is crop + flip alone, as
+    # the SE, CBAM, ECA and CA scripts train (timm's factory would add 0.4); RandAugment replaces it
     mixup: float = 0.0  # mixup alpha
     cutmix: float = 0.0  # cutmix alpha
     label_smoothing: float = 0.0
@@ -85,6 +89,7 @@ class SchedConfig:
     min_lr: float = 0.0
     decay_epochs: List[int] = field(default_factory=list)  # step: epochs where lr is multiplied
     decay_rate: float = 0.1
+    cooldown_epochs: int = 0  # the last epochs at min_lr, after the schedule (timm's; VOLO's 10 of 310)
 
 
 @dataclass
@@ -122,6 +127,10 @@ class Config:
     # a recipe's own defaults for blocks the user may pick: block_defaults.se.reduction=24 makes
     # attention=se build at r = 24 under that recipe (the block yamls read them through oc.select)
     block_defaults: Dict[str, Any] = field(default_factory=dict)
+    # a recipe's published numbers: {source, metric (top1_err), key (the config key they vary with, e.g.
+    # attention.reduction), values: [[that key's value, number], ...] (a list: a recipe deriving from
+    # another replaces it whole)}; saved with each run, never a varied key
+    paper: Optional[Dict[str, Any]] = None
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     sched: SchedConfig = MISSING
@@ -200,6 +209,8 @@ RULES: dict[str, Rule] = {
     "data.randaugment": optional(Rule(lambda v: isinstance(v, str) and v.split("-")[0] == "rand",
                                       "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1")),
     "data.reprob": PROBABILITY,
+    "data.remode": one_of(ERASING_MODES),
+    "data.color_jitter": NON_NEGATIVE,
     "data.mixup": NON_NEGATIVE,
     "data.cutmix": NON_NEGATIVE,
     "data.label_smoothing": BELOW_ONE,
@@ -217,6 +228,7 @@ RULES: dict[str, Rule] = {
     "sched.decay_epochs": Rule(lambda v: list_of(POSITIVE_INT).accepts(v) and list(v) == sorted(set(v)),
                                "a list of increasing integers >= 1"),
     "sched.decay_rate": POSITIVE,
+    "sched.cooldown_epochs": NON_NEGATIVE_INT,
     "trainer.epochs": POSITIVE_INT,
     "trainer.device": one_of(DEVICES),
     "trainer.amp": one_of(AMP_MODES),
@@ -250,6 +262,8 @@ ATTENTION_RULES: dict[str, Rule] = {
 JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("sched.warmup_epochs", "trainer.epochs"), lambda warmup, epochs: warmup <= epochs,
      "no more warm-up epochs than trainer.epochs"),
+    (("sched.cooldown_epochs", "trainer.epochs"), lambda cooldown, epochs: cooldown < epochs,
+     "fewer cool-down epochs than trainer.epochs"),
     (("trainer.eval_only", "trainer.resume"), lambda eval_only, resume: not eval_only or bool(resume),
      "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
     (("trainer.amp", "trainer.device"), lambda amp, device: amp != "fp16" or device != "cpu",

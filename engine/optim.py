@@ -35,13 +35,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedConfig, epochs: int, steps_per_epoch: int
 ) -> Scheduler | None:
-    """A timm scheduler updated every step (``step_update``), or None for a constant lr."""
+    """A timm scheduler updated every step (``step_update``), or None for a constant lr.
+
+    ``sched.cooldown_epochs`` of the ``epochs`` run at ``min_lr`` after the schedule, as timm's train.py.
+    """
     if cfg.name not in SCHEDULES:
         raise ConfigError(f"sched: unknown schedule '{cfg.name}'; valid names: {', '.join(SCHEDULES)}")
     if SCHEDULES[cfg.name] is None:
         return None
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=SCHEDULES[cfg.name], num_epochs=epochs, decay_milestones=list(cfg.decay_epochs),
+        optimizer, sched=SCHEDULES[cfg.name], num_epochs=epochs - cfg.cooldown_epochs,
+        cooldown_epochs=cfg.cooldown_epochs, decay_milestones=list(cfg.decay_epochs),
         decay_epochs=1,  # timm's "step": x decay_rate every epoch (our "exponential")
         decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch,

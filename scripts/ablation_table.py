@@ -32,9 +32,20 @@ def load_runs(dirs: list[Path]) -> list[dict]:
         for metrics_path in sorted(d.rglob("metrics.json")):
             run_dir = metrics_path.parent
             config_path = run_dir / "config.yaml"
-            config = flatten(yaml.safe_load(config_path.read_text())) if config_path.exists() else {}
-            runs.append({"dir": run_dir, "config": config, "metrics": json.loads(metrics_path.read_text())})
+            raw = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+            runs.append({"dir": run_dir, "config": flatten({k: v for k, v in raw.items() if k != "paper"}),
+                         "paper": paper_number(raw), "metrics": json.loads(metrics_path.read_text())})
     return runs
+
+
+def paper_number(config: dict) -> float | None:
+    """The recipe's published number for this run's configuration (its ``paper`` block), if it has one."""
+    paper = config.get("paper") or {}
+    node: object = config
+    for part in str(paper.get("key", "")).split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    values = {str(k): v for k, v in paper.get("values") or []}  # [config value, number] pairs
+    return values.get(str(node)) if node is not None else None
 
 
 def varied_keys(runs: list[dict]) -> list[str]:
@@ -71,18 +82,21 @@ def aggregate(runs: list[dict], keys: list[str]) -> list[dict]:
             **{k: [x[k] for x in m] for k in METRICS},
             "params": m[0].get("params"), "macs": m[0].get("macs"),
             "train_images_per_s": statistics.mean(x.get("train_images_per_s", 0.0) for x in m),
-            "runs": len(members),
+            "runs": len(members), "paper": members[0].get("paper"),
         })
     return sorted(rows, key=lambda r: statistics.mean(r["top1_err"]))
 
 
 def markdown(rows: list[dict], keys: list[str], failed: list[dict]) -> str:
     """The table (and the runs that did not complete) as markdown."""
-    head = [*keys, "top-1 err (%)", "top-5 err (%)", "params", "GMACs", "train img/s"]
+    with_paper = any(r.get("paper") is not None for r in rows)  # a recipe's runs: its published number beside ours
+    head = [*keys, *(["paper top-1 err (%)"] if with_paper else []), "top-1 err (%)", "top-5 err (%)", "params",
+            "GMACs", "train img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r[k] for k in keys] + [mean_std(r["top1_err"]), mean_std(r["top5_err"]),
-                                         f"{r['params']:,}", f"{r['macs'] / 1e9:.3f}", f"{r['train_images_per_s']:.0f}"]
+        paper = ([f"{r['paper']:.2f}" if r.get("paper") is not None else "not in the paper"] if with_paper else [])
+        cells = [r[k] for k in keys] + paper + [mean_std(r["top1_err"]), mean_std(r["top5_err"]), f"{r['params']:,}",
+                                                f"{r['macs'] / 1e9:.3f}", f"{r['train_images_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "Runs that did not complete (not in the table):", ""]

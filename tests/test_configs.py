@@ -138,7 +138,8 @@ BAD_VALUES = {
     "trainer.attention_maps": "-2", "trainer.checkpoint_every_steps": "0", "trainer.dist_timeout_s": "0",
     "trainer.on_nonfinite": "ignore", "data.randaugment": "autoaugment", "model.norm": "layer", "model.stem": "tiny",
     "attention.reduction": "0", "attention.every": "0",
-    "attention.divisor": "-8", "attention.bias": "maybe",
+    "attention.divisor": "-8", "attention.bias": "maybe", "data.remode": "fill", "data.color_jitter": "-0.1",
+    "sched.cooldown_epochs": "-1",
 }
 # Bad values that need a second override: a backbone that has the key, or a value they conflict with.
 BAD_PAIRS = {"model.width_mult": ("model=mobilenetv2", "model.width_mult=0"),
@@ -151,6 +152,7 @@ BAD_PAIRS = {"model.width_mult": ("model=mobilenetv2", "model.width_mult=0"),
              "attention.scale": ("attention=nonlocal", "attention.scale=0"),
              "attention.init_std": ("attention=nonlocal", "attention.init_std=-1"),
              "sched.warmup_epochs": ("sched.warmup_epochs=20", "trainer.epochs=10"),
+             "sched.cooldown_epochs": ("sched.cooldown_epochs=10", "trainer.epochs=10"),
              "trainer.eval_only": ("trainer.eval_only=true",),
              "trainer.amp": ("trainer.amp=fp16", "trainer.device=cpu")}
 

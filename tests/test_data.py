@@ -180,3 +180,19 @@ def test_a_batch_with_no_readable_image_is_passed_over_in_evaluation_and_refused
     require_images(full)
     with pytest.raises(DataError, match="every image of a training batch is unreadable, e.g. cannot read image a.png"):
         require_images(empty)
+
+
+def test_imagenet_recipe_has_no_colour_jitter_unless_asked_and_erases_with_the_configured_fill():
+    """The SE, CBAM, ECA and CA scripts train on crop + flip alone; timm's factory would add ColorJitter(0.4)."""
+    from timm.data.random_erasing import RandomErasing
+    from torchvision.transforms import ColorJitter
+
+    from data.transforms import imagenet_transform
+
+    plain = imagenet_transform(compose_config("data=imagenet", "data.root=x").data, train=True)
+    assert not any(isinstance(op, ColorJitter) for op in plain.library)
+    jitter = imagenet_transform(compose_config("data=imagenet", "data.root=x", "data.color_jitter=0.4").data, True)
+    assert [op.brightness for op in jitter.library if isinstance(op, ColorJitter)] == [(0.6, 1.4)]
+    erasing = imagenet_transform(compose_config("data=imagenet", "data.root=x", "data.reprob=0.25",
+                                                "data.remode=pixel").data, True).after
+    assert [(type(op), op.mode) for op in erasing] == [(RandomErasing, "pixel")]

@@ -67,6 +67,19 @@ def test_exponential_schedule_multiplies_the_lr_after_every_epoch():
     assert cfg.decay_rate == 0.98
 
 
+def test_cosine_cooldown_holds_min_lr_for_its_last_epochs():
+    """timm's cool-down (VOLO's 10 of 310 epochs): the cosine runs over the others, then min_lr."""
+    opt = build_optimizer(nn.Linear(2, 2), compose_config("optim.lr=0.1").optim)
+    cfg = compose_config("sched=cosine", "sched.cooldown_epochs=2", "sched.min_lr=0.001").sched
+    sched = build_scheduler(opt, cfg, epochs=6, steps_per_epoch=5)
+    lrs = []
+    for step in range(30):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.1) and lrs[19] > 0.001
+    assert lrs[20:] == pytest.approx([0.001] * 10)  # epochs 5 and 6: the cool-down
+
+
 def test_unknown_optimizer_schedule_and_amp_list_valid_names():
     with pytest.raises(ConfigError, match="valid names: sgd, adamw"):
         build_optimizer(nn.Linear(1, 1), compose_config("optim.name=lamb").optim)

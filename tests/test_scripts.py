@@ -107,6 +107,38 @@ def test_ablation_table_aggregates_seeds_and_lists_failed_runs_apart(tmp_path):
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
+def test_ablation_table_puts_the_recipes_paper_number_beside_ours_and_never_varies_it(tmp_path):
+    paper = {"source": "Hu et al., Table 10", "metric": "top1_err", "key": "attention.reduction",
+             "values": [[4, 22.25], [8, 22.26]]}
+    done = {"status": "completed", "top5_err": 1.0, "params": 1000, "macs": 2_000_000, "train_images_per_s": 50.0}
+    for r, err in ((4, 30.0), (8, 31.0), (2, 29.0)):
+        fake_run(tmp_path, f"r{r}", {"attention": {"name": "se", "reduction": r}, "paper": paper, "seed": 0},
+                 {**done, "top1_err": err})
+    proc = run_script("ablation_table.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| attention.reduction | paper top-1 err (%) | top-1 err (%) |")  # paper.* not varied
+    assert lines[2].startswith("| 2 | not in the paper | 29.00 |")
+    assert lines[3].startswith("| 4 | 22.25 | 30.00 |") and lines[4].startswith("| 8 | 22.26 | 31.00 |")
+
+
+def test_every_recipes_paper_block_names_a_key_its_runs_have():
+    from tests.helpers import CONFIG_DIR, compose_config
+
+    with_paper = []
+    for path in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
+        cfg = compose_config(f"experiment={path.stem}")
+        if cfg.paper is None:
+            continue
+        with_paper.append(path.stem)
+        assert cfg.paper.source and cfg.paper.metric == "top1_err", path.stem
+        node = cfg
+        for part in cfg.paper.key.split("."):
+            node = node[part]  # the key exists in the composed config
+        assert cfg.paper["values"], path.stem
+    assert len(with_paper) >= 8
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", [(), ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")],
                          ids=["basic", "joblib"])

@@ -262,8 +262,11 @@ ATTENTION_RULES: dict[str, Rule] = {
 JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("sched.warmup_epochs", "trainer.epochs"), lambda warmup, epochs: warmup <= epochs,
      "no more warm-up epochs than trainer.epochs"),
-    (("sched.cooldown_epochs", "trainer.epochs"), lambda cooldown, epochs: cooldown < epochs,
-     "fewer cool-down epochs than trainer.epochs"),
+    (("sched.warmup_epochs", "sched.cooldown_epochs", "trainer.epochs"),
+     lambda warmup, cooldown, epochs: warmup + cooldown < epochs,
+     "fewer warm-up plus cool-down epochs than trainer.epochs"),
+    (("sched.cooldown_epochs", "sched.name"), lambda cooldown, name: cooldown == 0 or name == "cosine",
+     "sched.cooldown_epochs with sched=cosine only (step schedules have no floor to hold)"),
     (("trainer.eval_only", "trainer.resume"), lambda eval_only, resume: not eval_only or bool(resume),
      "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
     (("trainer.amp", "trainer.device"), lambda amp, device: amp != "fp16" or device != "cpu",
@@ -274,6 +277,7 @@ JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is not allowed, the value and what is allowed."""
     values = OmegaConf.to_container(cfg, resolve=True)
+    _check_paper(values)
     checks = _block_defaults_checks(cfg, values)  # first: a bad default shows under the key the recipe set
     checks += [(key, _lookup(values, key), rule) for key, rule in RULES.items()]
     model = values.get("model") or {}
@@ -297,6 +301,27 @@ def check_config(cfg: DictConfig) -> None:
 
 
 _ABSENT = object()  # a key the config does not have (None is a value: null)
+
+
+PAPER_METRICS = ("top1_err",)
+
+
+def _check_paper(values: dict) -> None:
+    """Refuse a recipe's ``paper`` block that the ablation table could not read: its key must be a config key
+    and its values [config value, number] pairs."""
+    paper = values.get("paper")
+    if paper is None:
+        return
+    if not isinstance(paper, dict) or paper.get("metric") not in PAPER_METRICS:
+        raise ConfigError(f"paper.metric={_show((paper or {}).get('metric') if isinstance(paper, dict) else paper)} "
+                          f"is not allowed: use a paper block with metric one of {', '.join(PAPER_METRICS)}")
+    if _lookup(values, str(paper.get("key"))) is _ABSENT:
+        raise ConfigError(f"paper.key={_show(paper.get('key'))} is not allowed: use a key of this config, "
+                          "e.g. attention.name or attention.reduction")
+    pairs = paper.get("values")
+    if not isinstance(pairs, list) or not pairs or not all(
+            isinstance(p, list) and len(p) == 2 and _number(p[1]) for p in pairs):
+        raise ConfigError(f"paper.values={_show(pairs)} is not allowed: use a list of [config value, number] pairs")
 
 
 def _block_defaults_checks(cfg: DictConfig, values: dict) -> list[tuple[str, Any, Rule]]:

@@ -49,7 +49,7 @@ def log_hparams(writer, config: Mapping[str, Any], metrics: Mapping[str, float])
     """
     from torch.utils.tensorboard.summary import hparams
 
-    exp, ssi, sei = hparams(flatten(config), dict(metrics))
+    exp, ssi, sei = hparams(flatten({k: v for k, v in config.items() if k != "paper"}), dict(metrics))  # not a setting
     file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         file_writer.add_summary(summary)

@@ -32,7 +32,7 @@ def load_runs(dirs: list[Path]) -> list[dict]:
         for metrics_path in sorted(d.rglob("metrics.json")):
             run_dir = metrics_path.parent
             config_path = run_dir / "config.yaml"
-            raw = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+            raw = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
             runs.append({"dir": run_dir, "config": flatten({k: v for k, v in raw.items() if k != "paper"}),
                          "paper": paper_number(raw), "metrics": json.loads(metrics_path.read_text())})
     return runs
@@ -108,11 +108,12 @@ def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
     """One CSV row per configuration, with mean and std columns."""
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow([*keys, "top1_err_mean", "top1_err_std", "top5_err_mean", "top5_err_std", "runs",
-                      "params", "macs", "train_images_per_s"])
+        out.writerow([*keys, "paper_top1_err", "top1_err_mean", "top1_err_std", "top5_err_mean", "top5_err_std",
+                      "runs", "params", "macs", "train_images_per_s"])
         for r in rows:
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-            out.writerow([*(r[k] for k in keys), statistics.mean(r["top1_err"]), sd(r["top1_err"]),
+            out.writerow([*(r[k] for k in keys), "" if r.get("paper") is None else r["paper"],
+                          statistics.mean(r["top1_err"]), sd(r["top1_err"]),
                           statistics.mean(r["top5_err"]), sd(r["top5_err"]), r["runs"], r["params"], r["macs"],
                           r["train_images_per_s"]])
 

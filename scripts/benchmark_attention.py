@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.attention import ATTENTION_BLOCKS, MultiHeadSelfAttention2d
 from models.attention.eca import eca_kernel_size
+from models.attention.outlook import outlook_heads
 
 
 class TimmOutlook(nn.Module):
@@ -50,7 +51,7 @@ def timm_equivalent(name: str, c: int, size: int) -> nn.Module | None:
         "gc": lambda: GlobalContext(c, fuse_add=True, fuse_scale=False, rd_channels=c // 16),
         "nonlocal": lambda: NonLocalAttn(c, rd_channels=c // 2, use_scale=False),
         "mhsa": lambda: BottleneckAttn(c, c, feat_size=(size, size), num_heads=4),
-        "outlook": lambda: TimmOutlook(c, ATTENTION_BLOCKS["outlook"](c).attention.heads),  # our default heads
+        "outlook": lambda: TimmOutlook(c, outlook_heads(c)),  # our default heads
     }.get(name, lambda: None)()
 
 

@@ -152,7 +152,7 @@ BAD_PAIRS = {"model.width_mult": ("model=mobilenetv2", "model.width_mult=0"),
              "attention.scale": ("attention=nonlocal", "attention.scale=0"),
              "attention.init_std": ("attention=nonlocal", "attention.init_std=-1"),
              "sched.warmup_epochs": ("sched.warmup_epochs=20", "trainer.epochs=10"),
-             "sched.cooldown_epochs": ("sched.cooldown_epochs=10", "trainer.epochs=10"),
+             "sched.cooldown_epochs": ("sched=step", "sched.cooldown_epochs=2"),
              "trainer.eval_only": ("trainer.eval_only=true",),
              "trainer.amp": ("trainer.amp=fp16", "trainer.device=cpu")}
 

@@ -193,6 +193,7 @@ def test_imagenet_recipe_has_no_colour_jitter_unless_asked_and_erases_with_the_c
     assert not any(isinstance(op, ColorJitter) for op in plain.library)
     jitter = imagenet_transform(compose_config("data=imagenet", "data.root=x", "data.color_jitter=0.4").data, True)
     assert [op.brightness for op in jitter.library if isinstance(op, ColorJitter)] == [(0.6, 1.4)]
-    erasing = imagenet_transform(compose_config("data=imagenet", "data.root=x", "data.reprob=0.25",
-                                                "data.remode=pixel").data, True).after
-    assert [(type(op), op.mode) for op in erasing] == [(RandomErasing, "pixel")]
+    for mode in ("rand", "const"):
+        erasing = imagenet_transform(compose_config("data=imagenet", "data.root=x", "data.reprob=0.25",
+                                                    f"data.remode={mode}").data, True).after
+        assert [(type(op), op.mode) for op in erasing] == [(RandomErasing, mode)]

@@ -80,6 +80,15 @@ def test_cosine_cooldown_holds_min_lr_for_its_last_epochs():
     assert lrs[20:] == pytest.approx([0.001] * 10)  # epochs 5 and 6: the cool-down
 
 
+def test_warm_up_and_cool_down_must_leave_epochs_for_the_schedule():
+    from engine.config import check_config
+
+    with pytest.raises(ConfigError, match="sched.warmup_epochs=5 sched.cooldown_epochs=5 trainer.epochs=10 do not go "
+                                          "together: use fewer warm-up plus cool-down epochs than trainer.epochs"):
+        check_config(compose_config("sched.warmup_epochs=5", "sched.cooldown_epochs=5", "trainer.epochs=10"))
+    check_config(compose_config("sched.warmup_epochs=4", "sched.cooldown_epochs=5", "trainer.epochs=10"))
+
+
 def test_unknown_optimizer_schedule_and_amp_list_valid_names():
     with pytest.raises(ConfigError, match="valid names: sgd, adamw"):
         build_optimizer(nn.Linear(1, 1), compose_config("optim.name=lamb").optim)

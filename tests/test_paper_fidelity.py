@@ -484,3 +484,17 @@ def test_outlook_heads_default_to_volos_stage_one_head_width():
     assert Outlook(192).attention.heads == 6  # VOLO-D1's stage 1: 192 channels, 6 heads
     assert Outlook(256).attention.heads == 8  # VOLO-D2's
     assert Outlook(100).attention.heads == 2 and Outlook(16).attention.heads == 1  # the most heads dividing C
+
+
+def test_agcnn_crops_the_image_its_global_branch_saw_through_its_stn():
+    from models.backbones.agcnn import attention_boxes, crop_and_resize
+
+    model = build_model({"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32}, {"name": "stn"},
+                        num_classes=3).eval()
+    with torch.no_grad():  # the global branch's STN mirrors the image left to right
+        model.global_branch.attn_input.localization[-1].bias.copy_(torch.tensor([-1.0, 0, 0, 0, 1, 0]))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        g = model.global_branch.forward_features(x)
+        boxes = attention_boxes(model.global_branch.feature_map(g), (32, 32), model.tau)
+        torch.testing.assert_close(model.local_input(x, g), crop_and_resize(x.flip(-1), boxes, (32, 32)))

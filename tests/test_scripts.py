@@ -135,8 +135,20 @@ def test_every_recipes_paper_block_names_a_key_its_runs_have():
         node = cfg
         for part in cfg.paper.key.split("."):
             node = node[part]  # the key exists in the composed config
-        assert cfg.paper["values"], path.stem
-    assert len(with_paper) >= 8
+        assert str(node) in {str(value) for value, _ in cfg.paper["values"]}, path.stem  # the recipe's own number
+    without = {"cifar10_se_ratio"}  # no paper reports SE-ResNet-56 on CIFAR-10
+    assert set(with_paper) == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")} - without
+
+
+def test_a_paper_block_the_table_cannot_read_is_one_line():
+    from engine.config import check_config
+    from models import ConfigError
+    from tests.helpers import compose_config
+
+    with pytest.raises(ConfigError, match="paper.key=attention.reductio is not allowed: use a key of this config"):
+        check_config(compose_config("experiment=se_ratio_ablation", "paper.key=attention.reductio"))
+    with pytest.raises(ConfigError, match=r"paper.values=\[\[2\]\] is not allowed"):
+        check_config(compose_config("experiment=se_ratio_ablation", "paper.values=[[2]]"))
 
 
 @pytest.mark.slow

@@ -51,6 +51,8 @@ class MultiHeadSelfAttention2d(AttentionBlock):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, heads: int = 4,
                  max_size: int = 14, rel_pos: bool = True):
         super().__init__()
+        if heads is None:  # null is outlook's default only
+            raise ValueError("heads=None must be an integer >= 1")
         require_positive(stride=stride, heads=heads, max_size=max_size)
         if out_channels % heads:
             raise ValueError(f"mhsa: out_channels={out_channels} is not divisible by heads={heads}")

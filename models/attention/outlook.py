@@ -123,6 +123,14 @@ class OutlookAttention(AttentionBlock):
         return self._loaded_twin(twin)
 
 
+VOLO_HEAD_WIDTH = 32  # channels a head in VOLO's stage 1: 192 / 6 (D1), 256 / 8 (D2, D3), 384 / 12 (D4, D5)
+
+
+def outlook_heads(channels: int) -> int:
+    """VOLO's stage-1 head count for ``channels``: the most heads up to C / 32 that divide C, at least 1."""
+    return max(h for h in range(1, max(1, channels // VOLO_HEAD_WIDTH) + 1) if channels % h == 0)
+
+
 class Outlook(AttentionBlock):
     """x + OutlookAttention(LayerNorm(x)) on (B, C, H, W) feature maps.
 
@@ -140,7 +148,7 @@ class Outlook(AttentionBlock):
         super().__init__()
         require_positive(heads=heads, kernel_size=kernel_size, stride=stride)
         if heads is None:
-            heads = max(h for h in range(1, max(1, channels // 32) + 1) if channels % h == 0)
+            heads = outlook_heads(channels)
         self.norm = nn.LayerNorm(channels)
         self.attention = OutlookAttention(channels, heads, kernel_size, padding, stride)
 

@@ -32,6 +32,8 @@ class LocalSelfAttention(AttentionBlock):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel_size: int = 7,
                  heads: int = 8, scaled: bool = False):
         super().__init__()
+        if heads is None:
+            raise ValueError("heads=None must be an integer >= 1")
         require_positive(stride=stride, kernel_size=kernel_size, heads=heads)
         if out_channels % heads or (out_channels // heads) % 2:
             raise ValueError(f"sasa: out_channels={out_channels} must split into {heads} heads of even width")

@@ -148,10 +148,13 @@ class AGCNN(Backbone):
         return self
 
     def local_input(self, x: torch.Tensor, global_features: torch.Tensor) -> torch.Tensor:
-        """The attention-guided crop of ``x`` at ``x``'s size."""
+        """The attention-guided crop of ``x`` at ``x``'s size, taken from the image the global branch saw (the
+        output of a block at its ``input`` position, such as STN, whose coordinates its heat map has)."""
         size = tuple(x.shape[-2:])
         boxes = attention_boxes(self.global_branch.feature_map(global_features), size, self.tau)
-        return crop_and_resize(x, boxes, size)
+        with torch.no_grad():  # the crop trains no part of the global branch
+            seen = self.global_branch.attn_input(x)
+        return crop_and_resize(seen, boxes, size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> both branches' pooled features (B, num_features), global first."""

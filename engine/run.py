@@ -216,7 +216,8 @@ def _build_state(cfg: DictConfig, model: Backbone, precision: Precision, world_s
     if cfg.optim.lr_reference_batch:
         log.info("lr %g: %g x global batch %d / %d", optimizer.param_groups[0]["lr"], cfg.optim.lr,
                  cfg.data.batch_size * world_size, cfg.optim.lr_reference_batch)
-    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.epochs, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.epochs, steps_per_epoch,
+                                model.phase_epochs(cfg.trainer.epochs))
     ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema else None
     return TrainState(model, optimizer, scheduler, precision.scaler, ema)
 

@@ -270,3 +270,27 @@ def test_a_stop_signal_is_handed_on_to_the_handler_it_displaced():
         assert signals.received == "SIGINT" and signals.handoff() is None
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_agcnn_restarts_the_lr_schedule_in_each_of_its_stages():
+    """The AG-CNN paper trains its branches in turn: each stage runs the whole cosine from the peak lr."""
+    from models import build_model
+
+    model = build_model({"name": "agcnn", "backbone": "resnet20", "stem": "cifar", "img_size": 32}, {"name": "none"},
+                        num_classes=3)
+    phases = model.phase_epochs(8)
+    assert phases == [4, 2, 2]  # model.stage_fractions 0.5, 0.25, 0.25
+    assert [model.set_epoch(e, 8) for e in range(1, 9)] == ["global"] * 4 + ["local"] * 2 + ["fusion"] * 2
+    opt = build_optimizer(model, compose_config("optim.lr=0.1").optim)
+    sched = build_scheduler(opt, compose_config("sched=cosine").sched, 8, steps_per_epoch=1, phase_epochs=phases)
+    lrs = []
+    for step in range(8):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    starts = [0, 4, 6]
+    assert [lrs[s] for s in starts] == pytest.approx([0.1] * 3)  # each stage starts at the peak
+    assert lrs[5] == pytest.approx(0.05 * (1 + math.cos(math.pi * 1 / 2)))  # halfway through the local stage
+    restored = build_scheduler(opt, compose_config("sched=cosine").sched, 8, 1, phases)
+    restored.load_state_dict(sched.state_dict())
+    restored.step_update(7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[7])

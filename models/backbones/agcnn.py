@@ -131,13 +131,21 @@ class AGCNN(Backbone):
         """The two branches and the fusion layer."""
         return {"global branch": self.global_branch, "local branch": self.local_branch, "fusion": self.fusion}
 
+    def _stage_index(self, epoch: int, epochs: int) -> int:
+        """The stage (0, 1, 2) whose share of the run holds 1-based ``epoch``."""
+        ends = np.cumsum(self.stage_fractions) * epochs
+        return min(int(np.searchsorted(ends, epoch - 0.5)), 2)
+
     def set_epoch(self, epoch: int, epochs: int) -> str:
         """Pick the training stage of 1-based ``epoch`` out of ``epochs``; returns its name."""
-        ends = np.cumsum(self.stage_fractions) * epochs
-        index = int(np.searchsorted(ends, epoch - 0.5))  # the stage whose share of the run holds this epoch
-        self.stage = STAGES[min(index, 2)]
+        self.stage = STAGES[self._stage_index(epoch, epochs)]
         self.train(self.training)  # re-apply which branches' norms are fixed
         return self.stage
+
+    def phase_epochs(self, epochs: int) -> list[int]:
+        """The three stages' epochs: the paper trains each branch in turn, each from the start of its lr schedule."""
+        stages = [self._stage_index(epoch, epochs) for epoch in range(1, epochs + 1)]
+        return [stages.count(s) for s in range(3) if stages.count(s)]
 
     def train(self, mode: bool = True) -> "AGCNN":
         """Train mode for the stage's trainable part only; fixed branches keep eval-mode norms."""

@@ -143,6 +143,10 @@ class Backbone(nn.Module):
         """Tell a model trained in phases which epoch this is; returns the phase's name (None: one phase)."""
         return None
 
+    def phase_epochs(self, epochs: int) -> list[int] | None:
+        """How many of ``epochs`` each training phase takes, where each restarts the lr schedule (None: one)."""
+        return None
+
     def cam_layer(self) -> nn.Module:
         """The module whose (B, C, h, w) output Grad-CAM explains: the head block where there is one, else the
         last stage (the map the classifier pools)."""

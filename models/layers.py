@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from models.attention.base import AttentionBlock
+from models.attention.base import AttentionBlock, conv_bn_act
 
 Factory = Callable[..., nn.Module]
 
@@ -108,10 +108,7 @@ def restore_block_inits(model: nn.Module) -> None:
 def conv_bn_relu6(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1,
                   groups: int = 1) -> nn.Sequential:
     """Conv (no bias) + BN + ReLU6, the mobile networks' basic layer."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU6(inplace=True),
-    )
+    return conv_bn_act(in_channels, out_channels, nn.ReLU6(inplace=True), kernel, stride, groups)
 
 
 def init_mobile_weights(model: nn.Module, classifier: nn.Linear) -> None:

@@ -498,3 +498,22 @@ def test_agcnn_crops_the_image_its_global_branch_saw_through_its_stn():
         g = model.global_branch.forward_features(x)
         boxes = attention_boxes(model.global_branch.feature_map(g), (32, 32), model.tau)
         torch.testing.assert_close(model.local_input(x, g), crop_and_resize(x.flip(-1), boxes, (32, 32)))
+
+
+def test_triplet_attention_is_the_official_forward():
+    """LandskapeAI/triplet-attention: each gate sigmoid(BN(conv7x7([max, mean]))) on x, x.permute(0, 2, 1, 3)
+    and x.permute(0, 3, 2, 1), rotated back and averaged."""
+    from models.attention import TripletAttention
+
+    block = _randomise(TripletAttention(8))
+    x = torch.randn(2, 8, 5, 6)
+
+    def gate(g, t: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([t.max(1, keepdim=True)[0], t.mean(1, keepdim=True)], 1)
+        y = F.batch_norm(F.conv2d(pooled, g.conv.weight, padding=3), g.bn.running_mean, g.bn.running_var,
+                         g.bn.weight, g.bn.bias, eps=g.bn.eps)
+        return t * torch.sigmoid(y)
+
+    out_h = gate(block.ch, x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    out_w = gate(block.cw, x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
+    torch.testing.assert_close(block(x), (out_h + out_w + gate(block.hw, x)) / 3)

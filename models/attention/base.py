@@ -26,6 +26,15 @@ def bottleneck_width(channels: int, reduction: int) -> int:
     return max(1, channels // reduction)
 
 
+def conv_bn_act(in_channels: int, out_channels: int, activation: nn.Module, kernel: int = 3, stride: int = 1,
+                groups: int = 1) -> nn.Sequential:
+    """Conv (no bias, "same" padding) + BN + ``activation``: the heads' layers and the mobile nets' basic layer."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_channels), activation,
+    )
+
+
 def query_index(h: int, w: int, query: tuple[float, float]) -> tuple[int, int]:
     """The map position nearest to ``query`` (row, column fractions in [0, 1])."""
     return min(h - 1, int(query[0] * h)), min(w - 1, int(query[1] * w))

@@ -19,13 +19,7 @@ code's 1x1 segmentation classifier is the backbone's linear classifier here.
 import torch
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps, query_index, require_positive
-
-
-def conv_bn_act(in_channels: int, out_channels: int, activation: nn.Module) -> nn.Sequential:
-    """3x3 conv (no bias) + BN + ``activation``: the heads' layer."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), activation)
+from models.attention.base import AttentionBlock, Maps, conv_bn_act, query_index, require_positive
 
 
 class RCCAHead(nn.Module):

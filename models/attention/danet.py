@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention.base import AttentionBlock, Maps, query_index, require_positive
+from models.attention.base import AttentionBlock, Maps, conv_bn_act, query_index, require_positive
 
 
 class PositionAttention(nn.Module):
@@ -72,12 +72,6 @@ class GammaResidual(nn.Module):
         return x + self.gamma * self.attention(x)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3x3 conv (no bias) + BN + ReLU: the head's layer."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
 class DANetHead(AttentionBlock):
     """DANet's head on the last feature map: a position and a channel branch, summed (see the module docstring).
 
@@ -88,10 +82,12 @@ class DANetHead(AttentionBlock):
         super().__init__()
         inner = max(1, channels // 4)
         self.out_channels = inner
-        self.conv5a, self.conv5c = conv_bn_relu(channels, inner), conv_bn_relu(channels, inner)
+        self.conv5a = conv_bn_act(channels, inner, nn.ReLU(inplace=True))
+        self.conv5c = conv_bn_act(channels, inner, nn.ReLU(inplace=True))
         self.sa = GammaResidual(PositionAttention(inner, reduction))
         self.sc = GammaResidual(ChannelAttention())
-        self.conv51, self.conv52 = conv_bn_relu(inner, inner), conv_bn_relu(inner, inner)
+        self.conv51 = conv_bn_act(inner, inner, nn.ReLU(inplace=True))
+        self.conv52 = conv_bn_act(inner, inner, nn.ReLU(inplace=True))
         self.dropout = nn.Dropout2d(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

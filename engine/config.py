@@ -244,12 +244,12 @@ RULES: dict[str, Rule] = {
 MODEL_RULES: dict[str, Rule] = {
     "stem": one_of(STEMS), "norm": one_of(NORMS), "norm_groups": POSITIVE_INT, "width_mult": POSITIVE,
     "img_size": POSITIVE_INT, "drop_rate": PROBABILITY, "drop_path_rate": PROBABILITY, "dropout": PROBABILITY,
-    "in_chans": POSITIVE_INT, "tau": BELOW_ONE, "width": POSITIVE_INT,
+    "in_chans": POSITIVE_INT, "tau": BELOW_ONE, "width": POSITIVE_INT, "mix_token": BOOLEAN,
 }
 ATTENTION_RULES: dict[str, Rule] = {
     **{key: POSITIVE_INT for key in ("reduction", "every", "recurrence", "min_width",
-                                     "max_size", "hidden", "divisor", "stride")},
-    "kernel_size": optional(POSITIVE_INT), "levels": optional(POSITIVE_INT), "heads": optional(POSITIVE_INT), "head_width": optional(POSITIVE_INT),
+                                     "hidden", "divisor", "stride")},
+    **{key: optional(POSITIVE_INT) for key in ("kernel_size", "max_size", "levels", "heads", "head_width")},
     "padding": NON_NEGATIVE_INT, "e_lambda": POSITIVE,
     "scale": optional(POSITIVE), "init_std": optional(POSITIVE), "gamma": POSITIVE, "b": Rule(_number, "a number"),
     "units": Rule(lambda v: v is None or (_integer(v) and v != 0) or list_of(NON_ZERO_INT).accepts(v),
@@ -269,6 +269,8 @@ JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
      "sched.cooldown_epochs with sched=cosine only (step schedules have no floor to hold)"),
     (("trainer.eval_only", "trainer.resume"), lambda eval_only, resume: not eval_only or bool(resume),
      "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
+    (("model.mix_token", "data.multi_label"), lambda mix_token, multi_label: not (mix_token and multi_label),
+     "model.mix_token=true with single-label data (token labelling's loss is a softmax over classes)"),
     (("trainer.amp", "trainer.device"), lambda amp, device: amp != "fp16" or device != "cpu",
      "trainer.amp=fp16 on CUDA only; on the CPU use trainer.amp=bf16"),
 ]

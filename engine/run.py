@@ -22,6 +22,7 @@ from engine.config import DEVICES, check_config
 from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
                                 broadcast_object, check_replicas_agree, cleanup, init_distributed)
 from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
+from engine.losses import MixTokenLoss
 from engine.metrics import launcher_rank, mark_failed, process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
 from engine.tensorboard import LazyWriter, log_hparams
@@ -170,6 +171,8 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
     criterion, mixup = _build_criterion(cfg.data)
+    if cfg.model.get("mix_token"):  # VOLO's MixToken forward returns class and token logits in training
+        criterion = MixTokenLoss(criterion, cfg.data.num_classes, 0.0 if mixup else cfg.data.label_smoothing)
     train_loader, val_loader = build_loaders(  # mixup pairs samples within a batch: keep batches full
         cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed, device=device
     )
@@ -385,7 +388,8 @@ def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
 
 def _build_checked_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, int]]:
     """The configured model and its size; one forward pass at the input size checks it can run."""
-    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
+                          cfg.data.image_size)
     size = cfg.data.image_size
     try:  # a block that cannot take this size fails here, not mid-epoch
         macs = count_macs(model, (3, size, size))

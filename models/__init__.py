@@ -3,6 +3,9 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+from torch import nn
+
 from errors import ConfigError, config_message
 from models.backbones import BACKBONES, Backbone
 from models.placement import parse_attention_specs
@@ -22,6 +25,7 @@ def build_model(
     attention: Mapping[str, Any],
     attention_extra: Sequence[Mapping[str, Any]] = (),
     num_classes: int = 1000,
+    image_size: int | None = None,
 ) -> Backbone:
     """Build a backbone with its attention blocks from plain config mappings.
 
@@ -33,6 +37,9 @@ def build_model(
         attention: the main attention spec (``name: none`` for a plain backbone).
         attention_extra: further specs, placed after ``attention``.
         num_classes: size of the classifier head.
+        image_size: the training input's side; blocks sized by the map they see (MHSA's relative tables
+            with ``max_size: null``) take that map's size from one forward pass at it. None: no pass, and
+            such blocks keep their build-time size.
     """
     kwargs = dict(model)
     name = kwargs.pop("name", None)
@@ -59,7 +66,34 @@ def build_model(
                 f"{spec.position}) places no block on {name}: no unit there has that position; "
                 "choose other stages or another position"
             )
+    if image_size is not None:
+        fit_to_input_size(built, image_size, kwargs.get("in_chans", 3))
     return built
+
+
+def fit_to_input_size(model: nn.Module, image_size: int, in_chans: int = 3) -> None:
+    """Call ``fit_to_map(h, w)`` on every block that has one with the map it sees at ``image_size``, found by one
+    forward pass of a blank image in eval mode (BN statistics untouched)."""
+    sized = [m for m in model.modules() if callable(getattr(m, "fit_to_map", None))]
+    if not sized:
+        return
+    seen: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(block: nn.Module, args: tuple) -> None:
+        """Keep the first map size ``block`` sees (returning None leaves its input as it is)."""
+        seen.setdefault(block, tuple(args[0].shape[-2:]))
+
+    handles = [m.register_forward_pre_hook(record) for m in sized]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_chans, image_size, image_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    for block, (height, width) in seen.items():
+        block.fit_to_map(height, width)
 
 
 __all__ = ["BACKBONES", "Backbone", "ConfigError", "build_model", "model_options"]  # ConfigError: from errors

@@ -40,7 +40,8 @@ def load_model(overrides: list[str], checkpoint: str | None) -> tuple[nn.Module,
             cfg.model, cfg.attention, cfg.attention_extra = trained.model, trained.attention, trained.attention_extra
             cfg.data.num_classes = trained.data.num_classes
         torch.manual_seed(cfg.seed)  # without a checkpoint: the weights a training run with this seed starts from
-        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
+                            cfg.data.image_size)
         if checkpoint:
             model.load_state_dict(state["model"])
     except (ConfigError, CheckpointError) as e:

@@ -66,7 +66,8 @@ class InMemory:
         device = select_device(cfg.trainer.device)
         self.precision = build_precision(cfg.trainer.amp, device)
         torch.manual_seed(0)
-        self.model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes).to(device)
+        self.model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
+                                 cfg.data.image_size).to(device)
         memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         self.model.to(memory_format=memory_format)
         size, batch = cfg.data.image_size, cfg.data.batch_size

@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
     """Print a per-part table and a JSON line with the model's parameters and MACs."""
     cfg = compose_from_argv(argv)
     try:
-        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
+                            cfg.data.image_size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -53,7 +53,8 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes).to(device)
+    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
+                        cfg.data.image_size).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
     criterion = nn.CrossEntropyLoss()

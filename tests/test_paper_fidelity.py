@@ -2,6 +2,7 @@
 parameter counts of the papers' tables, each built through the recipe a user runs."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ def build(*overrides: str) -> nn.Module:
     """The model ``train.py`` would build for ``overrides``, after the config checks."""
     cfg = compose_config(*overrides)
     check_config(cfg)
-    return build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes)
+    return build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes, cfg.data.image_size)
 
 
 def placed(model: nn.Module, block: type[nn.Module]) -> list[str]:
@@ -444,7 +445,7 @@ def test_residual_attention_block_pools_as_the_papers_stages_by_default():
     assert levels == [[3], [2, 2], [1, 1, 1]]  # every other unit of stages 1-3: 3, 2, 1 pools
 
 
-# --- smaller differences: SASA's unscaled logits, STN on the image, outlook's heads -------------------------
+# --- smaller differences: SASA's unscaled logits, STN on the image, outlook's heads, MHSA's tables -------------------------
 
 def test_sasa_logits_are_unscaled_as_the_papers_equation_and_scaled_on_request():
     from models.attention import LocalSelfAttention
@@ -500,6 +501,35 @@ def test_agcnn_crops_the_image_its_global_branch_saw_through_its_stn():
         torch.testing.assert_close(model.local_input(x, g), crop_and_resize(x.flip(-1), boxes, (32, 32)))
 
 
+@pytest.mark.parametrize("size", [224, 256])
+def test_mhsa_tables_fit_the_map_each_block_sees_as_botnet(size):
+    """BoTNet-50: c5's first block attends at stride 16 (then pools), the other two at stride 32."""
+    model = build("model=resnet50", "data=imagenet", "data.root=x", f"data.image_size={size}", "attention=mhsa")
+    rows = {name: block.rel_h.shape[0] for name, block in model.named_modules()
+            if isinstance(block, ATTENTION_BLOCKS["mhsa"])}
+    assert rows == {"layer4.0.conv2": 2 * (size // 16) - 1, "layer4.1.conv2": 2 * (size // 32) - 1,
+                    "layer4.2.conv2": 2 * (size // 32) - 1}
+    fixed = build("model=resnet50", "data=imagenet", "data.root=x", "attention=mhsa", "attention.max_size=9")
+    assert {b.rel_w.shape[0] for b in fixed.modules() if isinstance(b, ATTENTION_BLOCKS["mhsa"])} == {17}
+
+
+@pytest.mark.parametrize("stride, size", [(1, (5, 7)), (2, (6, 6))])
+def test_mhsa_is_timms_bottleneck_attention_with_copied_weights(stride, size):
+    """timm's BottleneckAttn at its feat_size; scale_pos_embed=True because BoTNet scales the relative logits."""
+    from timm.layers.bottleneck_attn import BottleneckAttn
+
+    theirs = BottleneckAttn(32, 32, stride=stride, feat_size=size, num_heads=4, scale_pos_embed=True).eval()
+    ours = ATTENTION_BLOCKS["mhsa"](32, 32, stride=stride, heads=4)
+    ours.fit_to_map(*size)
+    assert ours.rel_h.shape == theirs.pos_embed.height_rel.shape and ours.rel_w.shape == theirs.pos_embed.width_rel.shape
+    with torch.no_grad():
+        ours.qkv.weight.copy_(theirs.qkv.weight)
+        ours.rel_h.copy_(theirs.pos_embed.height_rel)
+        ours.rel_w.copy_(theirs.pos_embed.width_rel)
+    x = torch.randn(2, 32, *size)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
 def test_triplet_attention_is_the_official_forward():
     """LandskapeAI/triplet-attention: each gate sigmoid(BN(conv7x7([max, mean]))) on x, x.permute(0, 2, 1, 3)
     and x.permute(0, 3, 2, 1), rotated back and averaged."""
@@ -517,3 +547,99 @@ def test_triplet_attention_is_the_official_forward():
     out_h = gate(block.ch, x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
     out_w = gate(block.cw, x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
     torch.testing.assert_close(block(x), (out_h + out_w + gate(block.hw, x)) / 3)
+
+
+# --- VOLO's MixToken, as the official forward and TokenLabelCrossEntropy -----------------------------------
+
+SMALL_VOLO = {"name": "volo_d1", "stem": "cifar", "img_size": 32, "layers": (1, 1, 1, 1),
+              "embed_dims": (32, 64, 64, 64), "num_heads": (2, 4, 4, 4)}
+
+
+def test_mix_token_is_the_official_volo_forward():
+    """sail-sg/volo's forward: rand_bbox on the pooled grid, tokens swapped with x.flip(0) at pooling_scale 2
+    after the patch embedding, the token logits swapped back; evaluation as without MixToken."""
+    model = build_model({**SMALL_VOLO, "mix_token": True}, {"name": "none"}, num_classes=5).train()
+    x = torch.randn(4, 3, 32, 32)
+    np.random.seed(7)
+    ours = model(x)
+    np.random.seed(7)
+    with torch.no_grad():
+        t = model.patch_embed(x).permute(0, 2, 3, 1)  # forward_embeddings: B, 16, 16, C
+        lam = np.random.beta(1.0, 1.0)
+        W, H = t.shape[1] // 2, t.shape[2] // 2  # rand_bbox(x.size(), lam, scale=2) names them so
+        cut_w, cut_h = int(W * np.sqrt(1.0 - lam)), int(H * np.sqrt(1.0 - lam))
+        cx, cy = np.random.randint(W), np.random.randint(H)
+        bbx1, bby1 = np.clip(cx - cut_w // 2, 0, W), np.clip(cy - cut_h // 2, 0, H)
+        bbx2, bby2 = np.clip(cx + cut_w // 2, 0, W), np.clip(cy + cut_h // 2, 0, H)
+        assert 0 < (bbx2 - bbx1) * (bby2 - bby1) < W * H  # the seed gives a real box
+        mixed = t.clone()
+        mixed[:, 2 * bbx1:2 * bbx2, 2 * bby1:2 * bby2, :] = t.flip(0)[:, 2 * bbx1:2 * bbx2, 2 * bby1:2 * bby2, :]
+        h = model.network[0](mixed)
+        h = model.network[1](h) + model.pos_embed
+        for stage in model.network[2:]:
+            h = stage(h)
+        h = model.forward_neck(h)
+        aux = model.aux_head(h[:, 1:]).reshape(4, 8, 8, 5)
+        unmixed = aux.clone()
+        unmixed[:, bbx1:bbx2, bby1:bby2, :] = aux.flip(0)[:, bbx1:bbx2, bby1:bby2, :]
+        torch.testing.assert_close(ours.logits, model.head(h[:, 0]))
+        torch.testing.assert_close(ours.token_logits, unmixed.reshape(4, 64, 5))
+    assert ours.box == (bbx1, bby1, bbx2, bby2)
+    plain = build_model(SMALL_VOLO, {"name": "none"}, num_classes=5)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+
+
+@pytest.mark.parametrize("target", ["labels", "soft"])
+def test_mix_token_loss_is_token_labellings_cross_entropy(target):
+    """TokenLabelCrossEntropy with (B, K) targets: the class target mixed by lam = 1 - box area / N, every
+    token's target its image's, class loss + 0.5 x token loss; labels as timm's smoothed one-hot."""
+    from engine.losses import MixTokenLoss
+    from models.backbones.volo import TokenMixOutput
+
+    b, n, k, smoothing = 4, 16, 5, 0.1
+    output = TokenMixOutput(torch.randn(b, k), torch.randn(b, n, k), (1, 0, 3, 3))  # 2 x 3 of a 4 x 4 grid
+    labels = torch.tensor([0, 3, 3, 1])
+    soft = torch.full((b, k), smoothing / k).scatter_(1, labels[:, None], 1 - smoothing + smoothing / k)
+    if target == "soft":
+        soft = torch.softmax(torch.randn(b, k), 1)
+    lam = 1 - 6 / n
+    target_cls = lam * soft + (1 - lam) * soft.flip(0)
+    target_aux = soft.repeat(1, n).reshape(b * n, k)
+
+    def soft_ce(logits, t):
+        return (-t * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    expected = soft_ce(output.logits, target_cls) + 0.5 * soft_ce(output.token_logits.reshape(-1, k), target_aux)
+    loss = MixTokenLoss(nn.CrossEntropyLoss(), k, smoothing)(output, labels if target == "labels" else soft)
+    torch.testing.assert_close(loss, expected)
+    plain = torch.randn(b, k)  # evaluation's logits go to the run's own criterion
+    torch.testing.assert_close(MixTokenLoss(nn.CrossEntropyLoss(), k)(plain, labels), F.cross_entropy(plain, labels))
+
+
+def test_the_volo_recipe_trains_with_mix_token_and_resumes_exactly(tmp_path, monkeypatch):
+    """MixToken's draws come from numpy's generator, which checkpoints hold: a run cut after epoch 1 and
+    resumed ends as the uninterrupted one."""
+    import engine.run
+    from engine.run import train
+
+    assert compose_config("experiment=volo_d1_imagenet", "data.root=x").model.mix_token is True
+    small = ["model=volo_d1", "model.mix_token=true", "+model.layers=[1,1,1,1]", "+model.embed_dims=[32,64,64,64]",
+             "+model.num_heads=[2,4,4,4]", "trainer.epochs=2", "data.max_train_samples=64", "data.max_val_samples=32",
+             "data.batch_size=16", "data.label_smoothing=0.1", "trainer.progress=false"]
+    cfg = compose_config(*small)
+    full = train(cfg, tmp_path / "full")
+    real_epoch, calls = engine.run.train_one_epoch, []
+
+    def crash_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine.run, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(engine.run, "train_one_epoch", real_epoch)
+    resumed = train(cfg, tmp_path / "resumed")
+    assert math.isfinite(full["train_loss"]) and resumed["train_loss"] == full["train_loss"]

@@ -7,15 +7,22 @@ https://arxiv.org/abs/2101.11605
 Replaces a unit's 3x3 conv (``replace_spatial``): q, k, v are 1x1 convs without bias, logits are
 q k^T + q r^T where r = r_h + r_w are learned relative height and width embeddings, both scaled by
 d^-1/2; attention runs through ``scaled_dot_product_attention`` with the relative logits as an
-additive mask. Stride 2 is a 2x2 average pool after attention, as BoTNet. The embedding tables are
-sized for ``max_size`` and adapt to any H x W: the centre is sliced for smaller maps and the table is
-linearly interpolated for larger ones.
+additive mask. Stride 2 is a 2x2 average pool after attention, as BoTNet.
+
+The tables are sized per block, as BoTNet and timm build them: ``max_size: null`` (the default) gives
+each block (2H-1, d) and (2W-1, d) tables for the H x W map it sees at the model's input size
+(``build_model(image_size=...)`` calls ``fit_to_map``), so BoTNet-50 at 224 has 14x14 tables in its
+first c5 block, which attends before its stride-2 pool, and 7x7 in the other two. An int fixes one size
+for every block. Other map sizes still run: the centre of a table is sliced for smaller maps and the
+table is linearly interpolated for larger ones.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.attention.base import AttentionBlock, Maps, SPATIAL_POSITIONS, query_index, require_positive
+
+BOTNET_C5_SIZE = 14  # the map BoTNet-50's first c5 block sees at 224: the tables' size until fit_to_map
 
 
 def relative_table(table: torch.Tensor, size: int) -> torch.Tensor:
@@ -41,7 +48,8 @@ class MultiHeadSelfAttention2d(AttentionBlock):
     Args:
         in_channels, out_channels, stride: the replaced conv's shape.
         heads: attention heads (4 in BoTNet).
-        max_size: the feature size the relative tables are built for (BoTNet's c5: 14).
+        max_size: the map size the relative tables are built for; None: the map this block sees, set by
+            ``fit_to_map`` (until then, 14: BoTNet's c5 at 224).
         rel_pos: add the relative-position logits (False: content-only attention).
     """
 
@@ -49,7 +57,7 @@ class MultiHeadSelfAttention2d(AttentionBlock):
     positions = SPATIAL_POSITIONS
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, heads: int = 4,
-                 max_size: int = 14, rel_pos: bool = True):
+                 max_size: int | None = None, rel_pos: bool = True):
         super().__init__()
         if heads is None:  # null is outlook's default only
             raise ValueError("heads=None must be an integer >= 1")
@@ -57,12 +65,24 @@ class MultiHeadSelfAttention2d(AttentionBlock):
         if out_channels % heads:
             raise ValueError(f"mhsa: out_channels={out_channels} is not divisible by heads={heads}")
         self.heads, self.dim = heads, out_channels // heads
+        self.sized_by_map = max_size is None
         self.qkv = nn.Conv2d(in_channels, 3 * out_channels, 1, bias=False)
-        self.rel_h = nn.Parameter(torch.randn(2 * max_size - 1, self.dim) * self.dim ** -0.5) if rel_pos else None
-        self.rel_w = nn.Parameter(torch.randn(2 * max_size - 1, self.dim) * self.dim ** -0.5) if rel_pos else None
+        self.rel_h = self.rel_w = None
+        if rel_pos:
+            self._build_tables(*(2 * [BOTNET_C5_SIZE if max_size is None else max_size]))
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()  # 7 -> 4, like a stride-2 conv
         if stride not in (1, 2):
             raise ValueError(f"stride={stride} is not supported; use 1 or 2")
+
+    def _build_tables(self, height: int, width: int) -> None:
+        """Fresh (2*height-1, d) and (2*width-1, d) relative tables, N(0, d^-1/2) as BoTNet initialises them."""
+        self.rel_h = nn.Parameter(torch.randn(2 * height - 1, self.dim) * self.dim ** -0.5)
+        self.rel_w = nn.Parameter(torch.randn(2 * width - 1, self.dim) * self.dim ** -0.5)
+
+    def fit_to_map(self, height: int, width: int) -> None:
+        """Size the tables for the height x width map this block sees (``max_size: null`` only; before training)."""
+        if self.sized_by_map and self.rel_h is not None:
+            self._build_tables(height, width)
 
     def position_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """q (B, heads, HW, d), already scaled -> relative logits (B, heads, HW, HW)."""

@@ -11,8 +11,15 @@ patch-merging downsample, the absolute position embedding, stages 2-4 of Transfo
 MLP) on 14x14 tokens, two class-attention layers on a class token, LayerNorm and the head, whose
 prediction adds 0.5 x the max over tokens of the auxiliary token head (token labelling's inference
 rule, as in timm). Stochastic depth grows linearly over all blocks but, as in the official code and
-timm, the Outlooker stage and the class-attention layers have none. Token-labelling training
-(MixToken, dense targets) is not part of this module.
+timm, the Outlooker stage and the class-attention layers have none.
+
+``mix_token=True`` trains with MixToken as the official forward: after the patch embedding, a box
+(area share 1 - lam, lam ~ Beta(1, 1), drawn on the last stage's token grid and scaled by the 2x2
+downsample) takes each image's tokens from the batch's mirror image (``flip(0)``); the token logits
+are swapped back, so each is its own image's, and the forward returns ``TokenMixOutput`` for the
+loss (``engine.losses.MixTokenLoss``). The dense targets of token labelling (an annotator model's
+per-token scores) are not part of attnlab: each token's target is its image's label. Evaluation is
+unchanged.
 
 The CIFAR stem runs the conv stem at stride 1 with a 2x2 patch projection, so 32x32 images give
 16x16 tokens in stage 1 and 8x8 after the downsample.
@@ -25,7 +32,9 @@ projection, depthwise conv, projection); ``mhsa`` (global multi-head self-attent
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed_nhwc, trunc_normal_
@@ -51,6 +60,39 @@ VARIANTS = {
     "volo_d5": dict(layers=(12, 12, 20, 4), embed_dims=(384, 768, 768, 768), num_heads=(12, 16, 16, 16),
                     mlp_ratio=4.0, stem_hidden_dim=128),
 }
+
+
+MIX_TOKEN_BETA = 1.0  # the official code's Beta(1, 1) for MixToken's lam
+MIX_SCALE = 2  # stage 1's grid over the last stage's (the 2x2 downsample): the official pooling_scale
+
+
+class TokenMixOutput(NamedTuple):
+    """A MixToken training forward: class-token logits (B, K), token logits (B, N, K) each of its own image,
+    and the box (top, left, bottom, right) on the last stage's token grid whose tokens came from ``flip(0)``."""
+
+    logits: torch.Tensor
+    token_logits: torch.Tensor
+    box: tuple[int, int, int, int]
+
+
+def draw_token_box(height: int, width: int, beta: float = MIX_TOKEN_BETA) -> tuple[int, int, int, int]:
+    """MixToken's box on a height x width grid, as token labelling's ``rand_bbox``: side shares sqrt(1 - lam)
+    with lam ~ Beta(beta, beta), a uniform centre, clipped at the borders (numpy's global generator, whose
+    state checkpoints hold)."""
+    cut = math.sqrt(1.0 - np.random.beta(beta, beta))
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    centre_h, centre_w = np.random.randint(height), np.random.randint(width)
+    top, bottom = (int(np.clip(centre_h + d, 0, height)) for d in (-(cut_h // 2), cut_h // 2))
+    left, right = (int(np.clip(centre_w + d, 0, width)) for d in (-(cut_w // 2), cut_w // 2))
+    return top, left, bottom, right
+
+
+def swap_box(x: torch.Tensor, box: tuple[int, int, int, int], scale: int = 1) -> torch.Tensor:
+    """x (B, H, W, C) with the box (scaled by ``scale``) taken from ``x.flip(0)``: the batch's mirror image."""
+    top, left, bottom, right = (scale * v for v in box)
+    mixed = x.clone()
+    mixed[:, top:bottom, left:right] = x.flip(0)[:, top:bottom, left:right]
+    return mixed
 
 
 class SelfAttention(nn.Module):
@@ -227,6 +269,7 @@ class VOLO(Backbone):
         drop_path_rate: stochastic depth at the last Transformer block.
         qkv_bias: biases in the attention projections (False in every VOLO variant).
         in_chans: input image channels.
+        mix_token: train with MixToken (the forward then returns ``TokenMixOutput`` in training mode).
     """
 
     classifier_names = ("head", "aux_head")
@@ -235,12 +278,13 @@ class VOLO(Backbone):
                  layers: Sequence[int] = (4, 4, 8, 2), embed_dims: Sequence[int] = (192, 384, 384, 384),
                  num_heads: Sequence[int] = (6, 12, 12, 12), mlp_ratio: float = 3.0, stem_hidden_dim: int = 64,
                  img_size: int = 224, stem: str = "imagenet", mixer: str = "outlook", drop_path_rate: float = 0.0,
-                 qkv_bias: bool = False, in_chans: int = 3, name: str = "volo"):
+                 qkv_bias: bool = False, in_chans: int = 3, mix_token: bool = False, name: str = "volo"):
         super().__init__()
         check_stem(stem)
         if mixer not in MIXERS:
             raise ValueError(f"mixer='{mixer}' is not a token mixer; valid mixers: {', '.join(MIXERS)}")
         patch = 8 if stem == "imagenet" else 2
+        self.patch, self.mix_token = patch, mix_token
         if img_size % (patch * 2):
             raise ValueError(f"img_size={img_size} must be a multiple of {patch * 2} for the {stem} stem")
         plan = AttentionPlan(attention, name, layers, positions=VOLO_POSITIONS, gate_position="standard")
@@ -298,9 +342,25 @@ class VOLO(Backbone):
         """The four stages (the downsample between the first two is ``between_stages``)."""
         return self._stage_list
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) -> stage 1's tokens (B, H/r, W/r, C)."""
-        return self.attn_stem(self.patch_embed(x).permute(0, 2, 3, 1))
+    def forward_stem(self, x: torch.Tensor, mix_box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """x: (B, 3, H, W) -> stage 1's tokens (B, H/r, W/r, C), MixToken's box swapped in where one is given."""
+        tokens = self.patch_embed(x).permute(0, 2, 3, 1)
+        return self.attn_stem(tokens if mix_box is None else swap_box(tokens, mix_box, MIX_SCALE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | TokenMixOutput:
+        """x: (B, 3, H, W) -> logits (B, num_classes); with MixToken in training, a ``TokenMixOutput``."""
+        if not (self.mix_token and self.training):
+            return super().forward(x)
+        box = draw_token_box(x.shape[-2] // self.patch // MIX_SCALE, x.shape[-1] // self.patch // MIX_SCALE)
+        x = self.forward_stem(self.attn_input(x), box)
+        for index, stage in enumerate(self.stages):
+            x = stage(self.between_stages(index, x))
+        grid = x.shape[1:3]
+        features = self.forward_neck(x)
+        token_logits = self.aux_head(features[:, 1:])  # B, N, K
+        b, n, k = token_logits.shape
+        token_logits = swap_box(token_logits.reshape(b, *grid, k), box).reshape(b, n, k)  # back to their images
+        return TokenMixOutput(self.head(features[:, 0]), token_logits, box)
 
     def between_stages(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Before stage 2: the downsample, then the position embedding (resampled for another grid)."""
@@ -350,14 +410,14 @@ class VOLO(Backbone):
 
 def volo(variant: str, num_classes: int = 1000, attention: Sequence[AttentionSpec] = (), img_size: int = 224,
          stem: str = "imagenet", mixer: str = "outlook", drop_path_rate: float = 0.0, in_chans: int = 3,
-         layers: Sequence[int] | None = None, embed_dims: Sequence[int] | None = None,
+         mix_token: bool = False, layers: Sequence[int] | None = None, embed_dims: Sequence[int] | None = None,
          num_heads: Sequence[int] | None = None) -> VOLO:
     """VOLO-D1 ... D5 by name (``volo_d1`` ...); ``layers``, ``embed_dims``, ``num_heads`` override the variant's."""
     sizes = dict(VARIANTS[variant])
     sizes.update({k: tuple(v) for k, v in (("layers", layers), ("embed_dims", embed_dims), ("num_heads", num_heads))
                   if v is not None})
     return VOLO(num_classes, attention, img_size=img_size, stem=stem, mixer=mixer, drop_path_rate=drop_path_rate,
-                in_chans=in_chans, name=variant, **sizes)
+                in_chans=in_chans, mix_token=mix_token, name=variant, **sizes)
 
 
 # The every-block tests run VOLO-D1's code at a fraction of its size: one unit a stage, narrow.

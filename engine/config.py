@@ -245,6 +245,8 @@ MODEL_RULES: dict[str, Rule] = {
     "stem": one_of(STEMS), "norm": one_of(NORMS), "norm_groups": POSITIVE_INT, "width_mult": POSITIVE,
     "img_size": POSITIVE_INT, "drop_rate": PROBABILITY, "drop_path_rate": PROBABILITY, "dropout": PROBABILITY,
     "in_chans": POSITIVE_INT, "tau": BELOW_ONE, "width": POSITIVE_INT, "mix_token": BOOLEAN,
+    "pretrained": Rule(lambda v: v is None or (isinstance(v, str) and v != ""),
+                       "a state-dict file, a timm model name or null"),
 }
 ATTENTION_RULES: dict[str, Rule] = {
     **{key: POSITIVE_INT for key in ("reduction", "every", "recurrence", "min_width",

@@ -158,7 +158,8 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     seed_everything(cfg.seed, tcfg.deterministic)  # the same initial weights on every rank
     # Model first: a bad model or attention spec fails in seconds, before any process group starts
     # or any data is read.
-    model, summary = _build_checked_model(cfg)
+    resuming = bool(tcfg.resume) or (run_dir / "checkpoints" / "last.pt").exists()
+    model, summary = _build_checked_model(cfg, weights_follow=resuming or bool(tcfg.init_from))
     check_sync_bn(tcfg.sync_bn, device)
     check_in_memory(cfg.data)
     rank, world_size = init_distributed(device, tcfg.dist_timeout_s)
@@ -177,7 +178,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
         cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed, device=device
     )
     log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
-    if tcfg.init_from and not (run_dir / "checkpoints" / "last.pt").exists():  # a resume wins
+    if tcfg.init_from and not resuming:  # a resume wins
         load_init_weights(model, tcfg.init_from, tcfg.new_head)
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
     model, train_model, eval_model = _place_model(model, tcfg, device, world_size)
@@ -386,10 +387,18 @@ def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
                           "batch statistics that do not depend on the per-process batch")
 
 
-def _build_checked_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, int]]:
-    """The configured model and its size; one forward pass at the input size checks it can run."""
-    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
-                          cfg.data.image_size)
+def _build_checked_model(cfg: DictConfig, weights_follow: bool = False) -> tuple[nn.Module, dict[str, int]]:
+    """The configured model and its size; one forward pass at the input size checks it can run.
+
+    ``weights_follow``: a resume or ``trainer.init_from`` loads the weights next, so ``model.pretrained`` is not read
+    (precedence: resume > init_from > pretrained).
+    """
+    model_cfg = cfg.model
+    if weights_follow and cfg.model.get("pretrained"):
+        log.info("model.pretrained=%s not loaded: the resumed or trainer.init_from weights replace it",
+                 cfg.model.pretrained)
+        model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "pretrained": None}
+    model = build_model(model_cfg, cfg.attention, cfg.attention_extra, cfg.data.num_classes, cfg.data.image_size)
     size = cfg.data.image_size
     try:  # a block that cannot take this size fails here, not mid-epoch
         macs = count_macs(model, (3, size, size))

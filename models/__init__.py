@@ -1,5 +1,6 @@
 """Pure nn.Modules (backbones, attention blocks) and the one function that builds them from config."""
 import inspect
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,15 +10,18 @@ from torch import nn
 from errors import ConfigError, config_message
 from models.backbones import BACKBONES, Backbone
 from models.placement import parse_attention_specs
+from models.pretrained import load_pretrained, read_weights
+
+log = logging.getLogger(__name__)
 
 # Arguments build_model fills in itself rather than taking from the model config.
 _BUILT_ARGS = ("name", "num_classes", "attention")
 
 
 def model_options(name: str) -> list[str]:
-    """The keys a ``model`` config of backbone ``name`` may set besides ``name``."""
+    """The keys a ``model`` config of backbone ``name`` may set besides ``name`` (``pretrained`` on every one)."""
     params = inspect.signature(BACKBONES[name]).parameters
-    return [p for p in params if p not in _BUILT_ARGS]
+    return [p for p in params if p not in _BUILT_ARGS] + ["pretrained"]
 
 
 def build_model(
@@ -33,7 +37,8 @@ def build_model(
     the config key (``model.stem=...``, ``attention_extra[0].reduction=...``).
 
     Args:
-        model: ``name`` (a key of ``BACKBONES``) and the backbone's own options.
+        model: ``name`` (a key of ``BACKBONES``), the backbone's own options and ``pretrained`` (a torchvision
+            or timm state-dict file, or a timm model name: see ``models.pretrained``; None: random weights).
         attention: the main attention spec (``name: none`` for a plain backbone).
         attention_extra: further specs, placed after ``attention``.
         num_classes: size of the classifier head.
@@ -43,6 +48,7 @@ def build_model(
     """
     kwargs = dict(model)
     name = kwargs.pop("name", None)
+    pretrained = kwargs.pop("pretrained", None)
     if name not in BACKBONES:
         raise ConfigError(f"model: unknown backbone '{name}'; valid names: {', '.join(BACKBONES)}")
     unknown = sorted(set(kwargs) - set(model_options(name)))
@@ -68,6 +74,11 @@ def build_model(
             )
     if image_size is not None:
         fit_to_input_size(built, image_size, kwargs.get("in_chans", 3))
+    if pretrained is not None:
+        weights = read_weights(str(pretrained))  # first: a bad source fails before a second model is built
+        plain = BACKBONES[name](num_classes=num_classes, attention=[], **kwargs)
+        report = load_pretrained(built, plain, weights, str(pretrained), built.classifier_names, name)
+        log.info(report.summary(str(pretrained)))
     return built
 
 

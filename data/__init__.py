@@ -17,6 +17,7 @@ from data.samplers import EpochOrder, ShardSampler, balanced_indices
 from data.seeded import KeyedSamples
 from data.transforms import (cifar_crop_flip, cifar_transform, digits_crop_flip, digits_transform,
                              imagenet_transform)
+from data.workers import loader_workers
 from errors import ConfigError, DataError
 
 log = logging.getLogger("attnlab")
@@ -132,17 +133,19 @@ def build_loaders(
                 raise DataError(f"data.in_memory=true but {e}; set data.in_memory=auto (or false)") from None
             reason = str(e)
     if setting == "auto":
-        log.info("data: per-image loading in %d worker(s) (data.in_memory=auto: %s)", cfg.num_workers, reason)
+        log.info("data: per-image loading in %d worker(s) (data.in_memory=auto: %s)", loader_workers(cfg.num_workers),
+                 reason)
     return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed)
 
 
 def _pil_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder, val_order: ShardSampler,
                  drop_last: bool, seed: int) -> tuple[DataLoader, DataLoader]:
     """The PIL path: per-image loading and augmentation in ``data.num_workers`` loader processes."""
-    common = {"num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available(),
-              "persistent_workers": cfg.num_workers > 0,
+    workers = loader_workers(cfg.num_workers)
+    common = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
+              "persistent_workers": workers > 0,
               "collate_fn": collate_skipping if cfg.skip_corrupt else None,
-              "worker_init_fn": ignore_stop_signals if cfg.num_workers > 0 else None,
+              "worker_init_fn": ignore_stop_signals if workers > 0 else None,
               # its own generator: each epoch's worker base seed is not drawn from the global RNG
               "generator": torch.Generator().manual_seed(seed)}
     keyed = KeyedSamples(train_set, train_transform(cfg), seed)

@@ -19,6 +19,7 @@ from torchvision import datasets
 from data.digits import DigitsDataset
 from data.folder import load_rgb
 from data.transforms import CropFlip
+from data.workers import loader_workers
 from errors import ConfigError
 
 log = logging.getLogger("attnlab")
@@ -191,8 +192,9 @@ def resident_loaders(train_set: Dataset, val_set: Dataset, cfg, device: torch.de
                      ) -> tuple[ResidentLoader, ResidentLoader]:
     """Both splits in memory on ``device``; raises NotResident (nothing is half-built then)."""
     budget = memory_budget(device)
-    train = load_resident(train_set, device, cfg.num_workers, budget)
-    val = load_resident(val_set, device, cfg.num_workers, budget - train.images.numel() * train.images.element_size())
+    workers = loader_workers(cfg.num_workers)
+    train = load_resident(train_set, device, workers, budget)
+    val = load_resident(val_set, device, workers, budget - train.images.numel() * train.images.element_size())
     log.info("data in memory on %s: %d + %d images, %.0f MiB (data.in_memory)", device, len(train), len(val),
              (train.images.numel() * train.images.element_size() + val.images.numel() * val.images.element_size())
              / 2**20)

@@ -46,7 +46,9 @@ class DataConfig:
     download: bool = False  # torchvision format only: fetch the archive when it is absent
     batch_size: int = 128  # per process
     eval_batch_size: Optional[int] = None  # defaults to 2 x batch_size
-    num_workers: int = 4  # PIL path: loader processes; in memory: processes that decode the files once
+    # PIL path: loader processes; in memory: processes that decode the files once. auto: the CPUs this
+    # process may use over the processes on this machine (LOCAL_WORLD_SIZE)
+    num_workers: Any = "auto"
     in_memory: str = "auto"  # auto | true | false: decode once onto the device and augment whole batches there
     max_train_samples: Optional[int] = None  # class-balanced subset
     max_val_samples: Optional[int] = None
@@ -202,7 +204,7 @@ RULES: dict[str, Rule] = {
     "data.interpolation": one_of(INTERPOLATIONS),
     "data.batch_size": POSITIVE_INT,
     "data.eval_batch_size": optional(POSITIVE_INT),
-    "data.num_workers": NON_NEGATIVE_INT,
+    "data.num_workers": Rule(lambda v: v == "auto" or NON_NEGATIVE_INT.accepts(v), "auto or an integer >= 0"),
     "data.in_memory": one_of(IN_MEMORY_CHOICES),
     "data.max_train_samples": optional(POSITIVE_INT),
     "data.max_val_samples": optional(POSITIVE_INT),

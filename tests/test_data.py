@@ -197,3 +197,21 @@ def test_imagenet_recipe_has_no_colour_jitter_unless_asked_and_erases_with_the_c
         erasing = imagenet_transform(compose_config("data=imagenet", "data.root=x", "data.reprob=0.25",
                                                     f"data.remode={mode}").data, True).after
         assert [(type(op), op.mode) for op in erasing] == [(RandomErasing, mode)]
+
+
+def test_num_workers_auto_shares_this_processes_cpus_among_the_local_processes(tmp_path, monkeypatch):
+    from data import build_loaders
+    from data.workers import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers("auto") == 2 and loader_workers(3) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert loader_workers("auto") == 8
+    assert compose_config("data=imagenet", "data.root=x").data.num_workers == "auto"
+    assert compose_config("data=cifar10", "data.root=x").data.num_workers == "auto"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    cfg = folder_config(make_image_folder(tmp_path), "data.num_workers=auto", "data.in_memory=false")
+    train_set, val_set = build_datasets(cfg)
+    train, _ = build_loaders(cfg, train_set, val_set)
+    assert train.num_workers == 2  # this machine's two cores, not the ImageNet recipe's former 8

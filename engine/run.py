@@ -436,6 +436,8 @@ def _log_evaluation(writer: LazyWriter, result: dict, ema_result: dict | None, s
     writer.add_scalar("val/top1_err", result["top1_err"], step)
     writer.add_scalar("val/top5_err", result["top5_err"], step)
     writer.add_scalar("val/loss", result["loss"], step)
+    if result.get("auroc") is not None:
+        writer.add_scalar("val/auroc", result["auroc"], step)
     if ema_result:
         writer.add_scalar("val/ema_top1_err", ema_result["top1_err"], step)
 
@@ -459,6 +461,8 @@ def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None
     """The metrics.json fields of one evaluation (and of the EMA weights' evaluation)."""
     out = {"top1_err": result["top1_err"], "top5_err": result["top5_err"], "val_loss": result["loss"],
            "val_images": result["count"], "eval_images_per_s": result["images_per_s"]}
+    if "auroc" in result:  # multi-label data: mean AUROC beside the one-error
+        out["auroc"] = result["auroc"]
     if ema_result:
         out.update(ema_top1_err=ema_result["top1_err"], ema_top5_err=ema_result["top5_err"])
     return out
@@ -470,7 +474,7 @@ def _finish(metrics: dict[str, Any], run_dir: Path, main: bool, writer: LazyWrit
     if main:
         write_json(run_dir / "metrics.json", metrics)
         if writer is not None:
-            final = {f"final/{k}": metrics[k] for k in ("top1_err", "top5_err", "val_loss", "best_top1_err")
-                     if k in metrics}
+            final = {f"final/{k}": metrics[k] for k in ("top1_err", "top5_err", "val_loss", "best_top1_err", "auroc")
+                     if metrics.get(k) is not None}
             log_hparams(writer, OmegaConf.to_container(cfg, resolve=True), final)
     return metrics

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from data.corrupt import batch_skipped, require_images
 from engine.checkpoint import TrainState
 from engine.config import NONFINITE_ACTIONS
-from engine.distributed import agree_at_sync_point, all_reduce_sum, get_world_size
+from engine.distributed import agree_at_sync_point, all_gather_objects, all_reduce_sum, get_world_size
 from engine.hooks import fault_point
 from errors import ConfigError, NonFiniteLossError
 
@@ -249,8 +249,9 @@ def evaluate(
     Single-label targets (class indices): cross-entropy; an image is a top-k error when its class is
     not among the k highest logits. Multi-hot targets: binary cross-entropy; top-k error is the
     multi-label one-error, an image whose k highest logits hold none of its labels, over the images
-    with at least one label. Sums are reduced across processes, so with a non-padding sampler each
-    image counts once.
+    with at least one label, and ``auroc`` is scikit-learn's ROC AUC of each class over the scores
+    gathered from every process, averaged over the classes that have positives and negatives (None when
+    none has). Sums are reduced across processes, so with a non-padding sampler each image counts once.
     """
     model.eval()
     device = precision.device
@@ -260,6 +261,7 @@ def evaluate(
     images = scored_single = 0  # counted on the host: no device tensor built from a host number per batch
     start = time.perf_counter()
     skipped: list[str] = []
+    multi_scores: list[torch.Tensor] = []  # multi-hot only: (logits, targets) per batch, on the host, for AUROC
     for batch in loader:
         x, y = batch
         skipped += batch_skipped(batch)
@@ -275,6 +277,7 @@ def evaluate(
             loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).sum()
             hits = y.gather(1, top) > 0
             scored_multi += (y > 0).any(1).sum()
+            multi_scores.append(torch.stack([logits, y.float()]).cpu())
         else:
             loss = F.cross_entropy(logits, y, reduction="sum")
             hits = top.eq(y[:, None])
@@ -286,7 +289,22 @@ def evaluate(
     loss, top1, top5, scored_multi, scored_single, n = all_reduce_sum(
         torch.cat([sums, scored_multi.reshape(1), counts])).tolist()
     n, scored = max(n, 1), max(scored_multi + scored_single, 1)
-    return {
+    result = {
         "top1_err": 100.0 * (1 - top1 / scored), "top5_err": 100.0 * (1 - top5 / scored), "loss": loss / n,
         "images_per_s": n / elapsed, "count": int(n), "skipped": skipped,
     }
+    if scored_multi:
+        result["auroc"] = mean_auroc(torch.cat([t for part in all_gather_objects(multi_scores) for t in part], 1))
+    return result
+
+
+def mean_auroc(scores_and_targets: torch.Tensor) -> float | None:
+    """(2, N, K) logits and multi-hot targets -> scikit-learn's ROC AUC per class, averaged over the classes
+    with both positives and negatives (None where no class has both)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, targets = scores_and_targets.double().numpy()
+    both = [k for k in range(targets.shape[1]) if 0 < targets[:, k].sum() < len(targets)]
+    if not both:
+        return None
+    return float(roc_auc_score(targets[:, both], scores[:, both], average="macro"))

@@ -2,14 +2,20 @@
 
 Usage: python scripts/ablation_table.py DIR [DIR ...] [--x params|macs]
 Reads every run (a directory with metrics.json and config.yaml) below the given directories. The
-table's columns are the config keys that vary across the runs, then top-1 and top-5 error,
-parameters, MACs and train images/s; runs that differ only in ``seed`` are aggregated as
-mean ± std (n). Runs that did not complete are listed apart and never averaged in. The CSV and a
-PNG of top-1 error against parameters (or MACs) are written beside the first DIR.
+table's columns are the config keys that vary across the runs (rows in the order of their values,
+numbers numerically, ``none`` first), the recipe's published number where its ``paper`` block has one,
+then top-1 and top-5 error, with several seeds the difference to the baseline row (``attention.name``
+none, else the paper block's ``baseline`` value) with a 95% confidence interval (Welch's t), mean AUROC
+for multi-label runs, parameters, MACs and train images/s; runs that differ only in ``seed`` are
+aggregated as mean ± std (n). Runs that did not complete are listed apart and never averaged in. The
+CSV and a PNG are written beside the first DIR: top-1 error against the varied key where it is a number
+(log scale for a geometric sweep such as r), seeds' spread as error bars and the paper's numbers as
+crosses, beside top-1 error against parameters (or MACs).
 """
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +29,7 @@ from engine.tensorboard import flatten
 IGNORED_KEYS = {"seed", "data.root", "data.num_workers", "data.download", "trainer.progress", "trainer.resume",
                 "trainer.eval_only", "trainer.device", "trainer.log_interval"}
 METRICS = ("top1_err", "top5_err")
+BASELINE_NAME = "none"  # attention.name of the plain network: the baseline row wherever it is among the runs
 
 
 def load_runs(dirs: list[Path]) -> list[dict]:
@@ -34,7 +41,8 @@ def load_runs(dirs: list[Path]) -> list[dict]:
             config_path = run_dir / "config.yaml"
             raw = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
             runs.append({"dir": run_dir, "config": flatten({k: v for k, v in raw.items() if k != "paper"}),
-                         "paper": paper_number(raw), "metrics": json.loads(metrics_path.read_text())})
+                         "paper": paper_number(raw), "paper_block": raw.get("paper") or {},
+                         "metrics": json.loads(metrics_path.read_text())})
     return runs
 
 
@@ -83,20 +91,78 @@ def aggregate(runs: list[dict], keys: list[str]) -> list[dict]:
             "params": m[0].get("params"), "macs": m[0].get("macs"),
             "train_images_per_s": statistics.mean(x.get("train_images_per_s", 0.0) for x in m),
             "runs": len(members), "paper": members[0].get("paper"),
+            "auroc": [x["auroc"] for x in m if x.get("auroc") is not None],
         })
-    return sorted(rows, key=lambda r: statistics.mean(r["top1_err"]))
+    return sorted(rows, key=lambda r: tuple(value_order(r[k]) for k in keys))
 
 
-def markdown(rows: list[dict], keys: list[str], failed: list[dict]) -> str:
-    """The table (and the runs that did not complete) as markdown."""
+def number(value: str) -> float | None:
+    """A table value as a number, or None (``-``, names)."""
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def value_order(value: str) -> tuple:
+    """Sort key of one column's value: ``none`` first, then numbers numerically, then names, then ``-``."""
+    if value == BASELINE_NAME:
+        return (0, 0.0, "")
+    if value == "-":
+        return (3, 0.0, "")
+    as_number = number(value)
+    return (1, as_number, "") if as_number is not None else (2, 0.0, value)
+
+
+def baseline_row(rows: list[dict], keys: list[str], runs: list[dict]) -> dict | None:
+    """The row the others are compared with: ``attention.name=none``, else the paper block's ``baseline``."""
+    if "attention.name" in keys:
+        plain = [r for r in rows if r["attention.name"] == BASELINE_NAME]
+        if plain:
+            return plain[0]
+    block = next((r["paper_block"] for r in runs if r["paper_block"].get("baseline") is not None), None)
+    if block is None or block.get("key") not in keys:
+        return None
+    return next((r for r in rows if r[block["key"]] == str(block["baseline"])), None)
+
+
+def difference(row: dict, base: dict) -> str:
+    """Mean top-1 error minus the baseline's, ± the half-width of Welch's 95% confidence interval."""
+    if row is base:
+        return "baseline"
+    a, b = row["top1_err"], base["top1_err"]
+    delta = statistics.mean(a) - statistics.mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{delta:+.2f} (one run: no CI)"
+    return f"{delta:+.2f} ± {welch_half_width(a, b):.2f}"
+
+
+def welch_half_width(a: list[float], b: list[float]) -> float:
+    """Half-width of the 95% confidence interval of mean(a) - mean(b) with unequal variances (Welch)."""
+    from scipy.stats import t
+
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return 0.0
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return float(t.ppf(0.975, dof)) * math.sqrt(va + vb)
+
+
+def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict | None = None) -> str:
+    """The table (and the runs that did not complete) as markdown; a Δ column with several seeds and a ``base``."""
     with_paper = any(r.get("paper") is not None for r in rows)  # a recipe's runs: its published number beside ours
-    head = [*keys, *(["paper top-1 err (%)"] if with_paper else []), "top-1 err (%)", "top-5 err (%)", "params",
-            "GMACs", "train img/s"]
+    with_delta = base is not None and any(r["runs"] > 1 for r in rows)
+    with_auroc = any(r["auroc"] for r in rows)  # multi-label runs
+    head = [*keys, *(["paper top-1 err (%)"] if with_paper else []), "top-1 err (%)",
+            *(["Δ top-1 vs baseline ± 95% CI"] if with_delta else []), "top-5 err (%)",
+            *(["mean AUROC"] if with_auroc else []), "params", "GMACs", "train img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         paper = ([f"{r['paper']:.2f}" if r.get("paper") is not None else "not in the paper"] if with_paper else [])
-        cells = [r[k] for k in keys] + paper + [mean_std(r["top1_err"]), mean_std(r["top5_err"]), f"{r['params']:,}",
-                                                f"{r['macs'] / 1e9:.3f}", f"{r['train_images_per_s']:.0f}"]
+        delta = [difference(r, base)] if with_delta else []
+        auroc = [(f"{statistics.mean(r['auroc']):.4f}" if r["auroc"] else "-")] if with_auroc else []
+        cells = [r[k] for k in keys] + paper + [mean_std(r["top1_err"])] + delta + [mean_std(r["top5_err"])] + auroc
+        cells += [f"{r['params']:,}", f"{r['macs'] / 1e9:.3f}", f"{r['train_images_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "Runs that did not complete (not in the table):", ""]
@@ -109,29 +175,66 @@ def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow([*keys, "paper_top1_err", "top1_err_mean", "top1_err_std", "top5_err_mean", "top5_err_std",
-                      "runs", "params", "macs", "train_images_per_s"])
+                      "auroc_mean", "runs", "params", "macs", "train_images_per_s"])
         for r in rows:
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             out.writerow([*(r[k] for k in keys), "" if r.get("paper") is None else r["paper"],
                           statistics.mean(r["top1_err"]), sd(r["top1_err"]),
-                          statistics.mean(r["top5_err"]), sd(r["top5_err"]), r["runs"], r["params"], r["macs"],
+                          statistics.mean(r["top5_err"]), sd(r["top5_err"]),
+                          statistics.mean(r["auroc"]) if r["auroc"] else "", r["runs"], r["params"], r["macs"],
                           r["train_images_per_s"]])
 
 
-def plot(rows: list[dict], keys: list[str], x: str, path: Path) -> None:
-    """Top-1 error against params or MACs, one labelled marker (with std bars) per configuration."""
+def numeric_key(rows: list[dict], keys: list[str]) -> str | None:
+    """The one varied key whose values (where rows have it) are all numbers: the plot's first x-axis."""
+    numeric = [k for k in keys if all(number(r[k]) is not None for r in rows if r[k] != "-")
+               and any(r[k] != "-" for r in rows)]
+    return numeric[0] if len(numeric) == 1 else None
+
+
+def _draw(ax, xs: float, r: dict, label: str | None, paper_label: str | None) -> None:
+    """One configuration: mean top-1 error with the seeds' std as a bar, and the paper's number as a cross."""
+    ys = r["top1_err"]
+    ax.errorbar(xs, statistics.mean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else 0.0, fmt="o", capsize=3,
+                color="C0", label=label)
+    if r.get("paper") is not None:
+        ax.plot(xs, r["paper"], "x", color="C3", markersize=8, label=paper_label)
+
+
+def plot(rows: list[dict], keys: list[str], x: str, path: Path, base: dict | None = None) -> None:
+    """Top-1 error against the numeric varied key (where there is one) and against params or MACs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    swept = numeric_key(rows, keys)
+    fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(11 if swept else 6, 4), dpi=120, squeeze=False)
+    if swept:
+        ax = axes[0][0]
+        points = sorted(((number(r[swept]), r) for r in rows if r[swept] != "-"), key=lambda point: point[0])
+        paper_labelled = False
+        for i, (value, r) in enumerate(points):
+            has_paper = r.get("paper") is not None
+            _draw(ax, value, r, "ours: mean ± std over seeds" if i == 0 else None,
+                  "paper" if has_paper and not paper_labelled else None)
+            paper_labelled |= has_paper
+        values = [v for v, _ in points]
+        if min(values) > 0 and max(values) / min(values) >= 4:  # a geometric sweep (r = 2 ... 32)
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        if base is not None and base[swept] == "-":  # the plain network has no such key: a line across
+            ax.axhline(statistics.mean(base["top1_err"]), color="grey", linestyle="--",
+                       label=f"{', '.join(f'{k}={base[k]}' for k in keys if base[k] != '-')} (ours)")
+        ax.set_xlabel(swept)
+        ax.set_ylabel("top-1 error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
     for r in rows:
         xs = r[x] / (1e6 if x == "params" else 1e9)
-        ys = r["top1_err"]
-        err = statistics.stdev(ys) if len(ys) > 1 else 0.0
-        ax.errorbar(xs, statistics.mean(ys), yerr=err, fmt="o", capsize=3)
-        ax.annotate(", ".join(f"{k.split('.')[-1]}={r[k]}" for k in keys), (xs, statistics.mean(ys)),
+        _draw(ax, xs, r, None, None)
+        ax.annotate(", ".join(f"{k.split('.')[-1]}={r[k]}" for k in keys if r[k] != "-"), (xs, statistics.mean(r["top1_err"])),
                     textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.set_xlabel("parameters (M)" if x == "params" else "GMACs")
     ax.set_ylabel("top-1 error (%)")
@@ -158,11 +261,12 @@ def main(argv: list[str]) -> int:
     failed = [r for r in runs if r["metrics"].get("status") != "completed"]
     keys = varied_keys(done or runs)
     rows = aggregate(done, keys)
-    print(markdown(rows, keys, failed))
+    base = baseline_row(rows, keys, done)
+    print(markdown(rows, keys, failed, base))
     if rows:
         out = args.dirs[0]
         write_csv(rows, keys, out / "ablation.csv")
-        plot(rows, keys, args.x, out / "ablation.png")
+        plot(rows, keys, args.x, out / "ablation.png", base)
         print(f"\nwrote {out / 'ablation.csv'} and {out / 'ablation.png'}")
     return 0
 

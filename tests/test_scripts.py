@@ -100,8 +100,9 @@ def test_ablation_table_aggregates_seeds_and_lists_failed_runs_apart(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("| attention.name | attention.reduction | top-1 err (%) |")
-    assert lines[2].startswith("| se | 4 | 9.00 |") and lines[3].startswith("| se | 8 | 12.00 ± 2.00 (3) |")
-    assert lines[4].startswith("| none | - | 20.00 |")
+    assert lines[2].startswith("| none | - | 20.00 | baseline |")  # the plain network first, then r in order
+    assert lines[3].startswith("| se | 4 | 9.00 | -11.00 (one run: no CI) |")
+    assert lines[4].startswith("| se | 8 | 12.00 ± 2.00 (3) |")
     assert "99.00" not in proc.stdout and "r2: failed NonFiniteLossError: boom" in proc.stdout
     assert (tmp_path / "ablation.csv").read_text().count("\n") == 4
     assert (tmp_path / "ablation.png").stat().st_size > 0
@@ -120,6 +121,46 @@ def test_ablation_table_puts_the_recipes_paper_number_beside_ours_and_never_vari
     assert lines[0].startswith("| attention.reduction | paper top-1 err (%) | top-1 err (%) |")  # paper.* not varied
     assert lines[2].startswith("| 2 | not in the paper | 29.00 |")
     assert lines[3].startswith("| 4 | 22.25 | 30.00 |") and lines[4].startswith("| 8 | 22.26 | 31.00 |")
+
+
+DONE = {"status": "completed", "top5_err": 1.0, "params": 1000, "macs": 2_000_000, "train_images_per_s": 50.0}
+
+
+def test_ablation_rows_follow_the_swept_values_with_a_welch_interval_against_the_baseline(tmp_path):
+    from scipy.stats import ttest_ind
+
+    errors = {"none": [20.0, 21.0, 23.0], 2: [18.0, 18.5, 19.5], 16: [17.0, 19.0, 18.0], 32: [19.0, 19.2, 20.1],
+              4: [18.2, 18.1, 18.9]}
+    for value, errs in errors.items():
+        attention = {"name": "none"} if value == "none" else {"name": "se", "reduction": value}
+        for seed, err in enumerate(errs):
+            fake_run(tmp_path, f"{value}_s{seed}", {"attention": attention, "seed": seed}, {**DONE, "top1_err": err})
+    proc = run_script("ablation_table.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines()[2:7]]
+    assert [r[1] for r in rows] == ["-", "2", "4", "16", "32"]  # numerically, not 16 < 2 < 32 as text
+    for row in rows[1:]:
+        a, b = errors[int(row[1])], errors["none"]
+        interval = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)  # scipy's Welch interval
+        delta, half = (float(v) for v in row[3].split(" ± "))
+        assert delta == pytest.approx(sum(a) / 3 - sum(b) / 3, abs=0.006)
+        assert half == pytest.approx((interval.high - interval.low) / 2, abs=0.006)
+    assert rows[0][3] == "baseline"
+
+
+def test_the_recipes_reference_value_is_the_baseline_without_a_plain_run_and_auroc_shows(tmp_path):
+    paper = {"source": "Table 10", "metric": "top1_err", "key": "attention.reduction",
+             "values": [[8, 22.26], [16, 22.28]], "baseline": 16}
+    for value, errs in {8: [30.0, 31.0], 16: [29.0, 30.0]}.items():
+        for seed, err in enumerate(errs):
+            fake_run(tmp_path, f"r{value}_s{seed}", {"attention": {"name": "se", "reduction": value}, "seed": seed,
+                                                      "paper": paper}, {**DONE, "top1_err": err, "auroc": 0.75 + seed / 10})
+    proc = run_script("ablation_table.py", str(tmp_path))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("| attention.reduction | paper top-1 err (%) | top-1 err (%) | Δ top-1 vs baseline ± 95% CI | "
+                        "top-5 err (%) | mean AUROC | params | GMACs | train img/s |")
+    assert lines[2].startswith("| 8 | 22.26 | 30.50 ± 0.71 (2) | +1.00 ± ") and "| 0.8000 |" in lines[2]
+    assert lines[3].startswith("| 16 | 22.28 | 29.50 ± 0.71 (2) | baseline |")
 
 
 def test_every_recipes_paper_block_names_a_key_its_runs_have():

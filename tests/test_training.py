@@ -199,6 +199,30 @@ def test_multilabel_evaluation_is_one_error_and_binary_cross_entropy():
     assert result["top5_err"] == pytest.approx(0.0)  # with 3 classes every label is in the top 5
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
     assert result["loss"] == pytest.approx(bce.item(), rel=1e-6)
+    # AUROC per class = the share of (positive, negative) pairs ranked right, ties half: class 0 positives
+    # score 3, 0 against negatives 1, 0 -> (1 + 1 + 0 + 0.5) / 4; class 1: 0 against 2, 5, 2 -> 0; class 2: 1
+    # against 1, 3, 9 -> 0.5 / 3
+    assert result["auroc"] == pytest.approx((2.5 / 4 + 0 + 0.5 / 3) / 3)
+
+
+def test_multilabel_auroc_is_over_the_scores_of_every_rank(monkeypatch):
+    import engine.trainer
+    from engine.trainer import build_precision, evaluate
+
+    logits, targets = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    other_rank = [torch.stack([torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])])]
+    monkeypatch.setattr(engine.trainer, "all_gather_objects", lambda mine: [mine, other_rank])
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits[x.long().flatten()]
+
+    result = evaluate(Fixed(), [(torch.arange(2.0)[:, None], targets)], build_precision("none", torch.device("cpu")))
+    from sklearn.metrics import roc_auc_score
+
+    both = torch.cat([torch.stack([logits, targets]), other_rank[0]], 1)
+    assert result["auroc"] == pytest.approx(roc_auc_score(both[1].numpy(), both[0].numpy(), average="macro"))
+    assert result["auroc"] != pytest.approx(1.0)  # this rank's scores alone rank perfectly
 
 
 def write_multilabel_set(root: Path, per_split: dict[str, int]) -> None:
@@ -229,6 +253,7 @@ def test_agcnn_trains_on_multilabel_data_with_binary_cross_entropy(tmp_path):
     metrics = train(cfg, tmp_path / "run")
     assert metrics["status"] == "completed" and math.isfinite(metrics["val_loss"])
     assert metrics["top1_err"] < 50  # the colours are easy: most images' top class is one of theirs
+    assert 0.5 < metrics["auroc"] <= 1 and metrics["history"][-1]["auroc"] == metrics["auroc"]
 
 
 def test_multilabel_csv_names_a_missing_file_and_unknown_labels(tmp_path):

@@ -448,13 +448,13 @@ def _log_attention_maps(writer: LazyWriter, model: nn.Module, val_loader, data_c
     images = next((x for x, _ in val_loader if x is not None), None)  # skip all-unreadable batches
     if images is None:
         return
-    from engine.visualize import log_attention_images  # captum and matplotlib: imported only when maps are asked for
+    from engine.visualize import log_attention_figures  # captum and matplotlib: imported only when maps are asked for
 
     images = images[:count].cpu()
     device = next(model.parameters()).device
     mean = torch.tensor(data_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)
-    log_attention_images(writer, model, images.to(device), (images * std + mean).clamp(0, 1), step)
+    log_attention_figures(writer, model, images.to(device), (images * std + mean).clamp(0, 1), step)
 
 
 def _epoch_metrics(result: dict[str, float], ema_result: dict[str, float] | None) -> dict[str, float]:

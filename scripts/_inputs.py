@@ -49,9 +49,10 @@ def load_model(overrides: list[str], checkpoint: str | None) -> tuple[nn.Module,
     return model.eval(), cfg
 
 
-def load_images(cfg: DictConfig, paths: list[str] | None, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(normalised inputs, the same in [0, 1] for display, names): ``paths`` resized to the input size,
-    else the first ``count`` images of the val set."""
+def load_images(cfg: DictConfig, paths: list[str] | None, count: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str] | None]:
+    """(normalised inputs, the same in [0, 1] for display, names, the class names where the data set has them):
+    ``paths`` resized to the input size, else the first ``count`` images of the val set."""
     mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.std).view(3, 1, 1)
     size = cfg.data.image_size
@@ -64,10 +65,11 @@ def load_images(cfg: DictConfig, paths: list[str] | None, count: int) -> tuple[t
             display.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1) / 255)
             names.append(Path(path).stem)
         display = torch.stack(display)
-        return (display - mean) / std, display, names
+        return (display - mean) / std, display, names, list(cfg.data.classes) if cfg.data.get("classes") else None
     try:
         val_set = build_datasets(cfg.data, seed=cfg.seed)[1]
     except DataError as e:
         sys.exit(f"error: {e}")
     inputs = torch.stack([val_set[i][0] for i in range(min(count, len(val_set)))])
-    return inputs, (inputs * std + mean).clamp(0, 1), [f"val{i}" for i in range(len(inputs))]
+    classes = getattr(getattr(val_set, "dataset", val_set), "classes", None)  # a subset's data set has them
+    return inputs, (inputs * std + mean).clamp(0, 1), [f"val{i}" for i in range(len(inputs))], classes

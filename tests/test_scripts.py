@@ -214,12 +214,12 @@ def test_ablation_table_of_a_real_two_point_sweep(tmp_path, launcher):
 
 
 @pytest.mark.parametrize("attention,maps", [
-    ("cbam", {"channel_gate", "spatial_gate"}),  # a channel strip and a spatial mask
-    ("coord", {"a_h_x_a_w"}),
-    ("nonlocal", {"query_attention"}),  # the query position's weights
-    ("stn", {"sampling_grid"}),
+    ("cbam", {"channel gate", "spatial gate"}),  # a channel strip and a spatial mask
+    ("coord", {"a_h x a_w"}),
+    ("nonlocal", {"query attention"}),  # the query position's weights
+    ("stn", {"sampling grid"}),
 ])
-def test_visualize_attention_writes_a_png_of_the_images_size_per_map(tmp_path, attention, maps):
+def test_visualize_attention_writes_one_labelled_figure_per_image(tmp_path, attention, maps):
     from PIL import Image
 
     image = tmp_path / "cat.png"
@@ -228,11 +228,30 @@ def test_visualize_attention_writes_a_png_of_the_images_size_per_map(tmp_path, a
                       f"images=[{image}]", "query=[0.25,0.75]")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    files = [Path(f) for f in result["files"]]
-    assert {f.stem.split("__")[-1] for f in files if "__" in f.stem} == maps
-    assert any(f.name == "gradcam.png" for f in files)
-    for f in files:
-        assert f.parent.name == "cat" and Image.open(f).size == (32, 32)  # digits' input size
+    assert result["files"] == [str(tmp_path / "vis" / "cat.png")]
+    assert {label.split(" · ")[-1] for label in result["maps"]} == maps
+    width, height = Image.open(result["files"][0]).size
+    assert width > 1000 and height > 500  # the 32-pixel input drawn large, not at its own size
+
+
+def test_attention_figure_labels_every_map_with_its_place_and_marks_the_query():
+    """MobileNetV2 + CA (every unit with expansion, after the depthwise conv) and a non-local block."""
+    from engine.visualize import attention_figure, collect_maps
+
+    model = build_model({"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.35}, {"name": "coord"},
+                        [{"name": "nonlocal", "stages": [-2], "units": [1], "position": "post"}], num_classes=10).eval()
+    maps, = collect_maps(model, torch.randn(1, 3, 32, 32), query=(0.25, 0.75))
+    places = [m.place for m in maps if m.block == "coord"]
+    assert len(places) == 16 and places[0] == "stage 2 · unit 1 · after_spatial" and places[-1].startswith("stage 7")
+    query, = [m for m in maps if m.kind == "query"]
+    assert query.place == "stage 6 · unit 1 · post" and query.block == "nonlocal"
+    fig = attention_figure(torch.rand(3, 32, 32), maps, torch.rand(4, 4), "title", query=(0.25, 0.75))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:2] == ["input", titles[1]] and titles[1].startswith("Grad-CAM")
+    assert sum(t.startswith("stage 2 · unit 1 · after_spatial\ncoord: a_h x a_w") for t in titles) == 1
+    marked, = [ax for ax in fig.axes if ax.get_title().startswith("stage 6 · unit 1 · post")]
+    (x,), (y,) = marked.lines[0].get_data()
+    assert (y, x) == (8, 24)  # the query (0.25, 0.75) of a 32 x 32 input, marked on the upsampled map
 
 
 def test_visualize_attention_reads_a_checkpoints_model(tmp_path, quick_config):
@@ -243,7 +262,7 @@ def test_visualize_attention_reads_a_checkpoints_model(tmp_path, quick_config):
                       "num_images=2", f"out={tmp_path / 'vis'}", "gradcam=false")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result["blocks"]) == 9 and len(result["files"]) == 2 * 9  # nine ECA units, two val images
+    assert len(result["maps"]) == 9 and len(result["files"]) == 2  # nine ECA units, two val images: two figures
     bad = run_script("visualize_attention.py", f"checkpoint={tmp_path / 'missing.pt'}")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "missing.pt" in bad.stderr
 

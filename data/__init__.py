@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.corrupt import SkipCorrupt, collate_skipping
+from data.device_decode import (DeviceDecodeLoader, EncodedFiles, SkipUnreadable, collate_encoded,
+                                decode_on_device, file_samples, pixel_ops)
 from data.digits import DigitsDataset
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
 from data.in_memory import NotResident, in_memory_setting, recipe_blocker, resident_loaders
@@ -132,22 +134,43 @@ def build_loaders(
             if setting == "true":
                 raise DataError(f"data.in_memory=true but {e}; set data.in_memory=auto (or false)") from None
             reason = str(e)
+    device = torch.device(device)
+    on_device = decode_on_device(cfg, train_set, device)
     if setting == "auto":
-        log.info("data: per-image loading in %d worker(s) (data.in_memory=auto: %s)", loader_workers(cfg.num_workers),
-                 reason)
+        log.info("data: per-image loading in %d worker(s), decoded on the %s (data.in_memory=auto: %s)",
+                 loader_workers(cfg.num_workers), device.type if on_device else "workers' CPUs", reason)
+    if on_device:
+        return _device_decode_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed, device)
     return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed)
+
+
+def _worker_options(cfg: DictConfig, seed: int, collate) -> dict:
+    """The DataLoader options both per-image paths share."""
+    workers = loader_workers(cfg.num_workers)
+    return {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "persistent_workers": workers > 0,
+            "collate_fn": collate, "worker_init_fn": ignore_stop_signals if workers > 0 else None,
+            # its own generator: each epoch's worker base seed is not drawn from the global RNG
+            "generator": torch.Generator().manual_seed(seed)}
+
+
+def _device_decode_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder,
+                           val_order: ShardSampler, drop_last: bool, seed: int, device: torch.device
+                           ) -> tuple[DeviceDecodeLoader, DeviceDecodeLoader]:
+    """``data.decode=gpu``: workers read file bytes, the device decodes and transforms (``data/device_decode.py``)."""
+    common = _worker_options(cfg, seed, collate_encoded)
+    wrap = SkipUnreadable if cfg.skip_corrupt else (lambda d: d)
+    train_files, val_files = (wrap(EncodedFiles(file_samples(d))) for d in (train_set, val_set))
+    train = DataLoader(train_files, cfg.batch_size, sampler=order, drop_last=drop_last, **common)
+    val = DataLoader(val_files, cfg.eval_batch_size or 2 * cfg.batch_size, sampler=val_order, **common)
+    shared = {"mean": list(cfg.mean), "std": list(cfg.std), "seed": seed, "skip_corrupt": cfg.skip_corrupt}
+    return (DeviceDecodeLoader(train, device, train_transform(cfg).crop, [], **shared),
+            DeviceDecodeLoader(val, device, None, pixel_ops(eval_transform(cfg)), **shared))
 
 
 def _pil_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder, val_order: ShardSampler,
                  drop_last: bool, seed: int) -> tuple[DataLoader, DataLoader]:
     """The PIL path: per-image loading and augmentation in ``data.num_workers`` loader processes."""
-    workers = loader_workers(cfg.num_workers)
-    common = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-              "persistent_workers": workers > 0,
-              "collate_fn": collate_skipping if cfg.skip_corrupt else None,
-              "worker_init_fn": ignore_stop_signals if workers > 0 else None,
-              # its own generator: each epoch's worker base seed is not drawn from the global RNG
-              "generator": torch.Generator().manual_seed(seed)}
+    common = _worker_options(cfg, seed, collate_skipping if cfg.skip_corrupt else None)
     keyed = KeyedSamples(train_set, train_transform(cfg), seed)
     train = DataLoader(keyed, cfg.batch_size, sampler=order, drop_last=drop_last, **common)
     val = DataLoader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, sampler=val_order, **common)

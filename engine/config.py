@@ -22,6 +22,7 @@ STEMS = ("cifar", "imagenet")
 NORMS = ("batch", "group")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 IN_MEMORY_CHOICES = ("auto", "true", "false")
+DECODE_CHOICES = ("cpu", "gpu", "auto")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "exponential", "none")
 ERASING_MODES = ("pixel", "rand", "const")
@@ -50,6 +51,9 @@ class DataConfig:
     # process may use over the processes on this machine (LOCAL_WORLD_SIZE)
     num_workers: Any = "auto"
     in_memory: str = "auto"  # auto | true | false: decode once onto the device and augment whole batches there
+    # per-image loading: cpu (PIL in the workers) | gpu (workers read bytes, the device decodes JPEGs and
+    # crops; on a machine without CUDA the same code on the CPU) | auto (gpu where CUDA is and the recipe allows)
+    decode: str = "auto"
     max_train_samples: Optional[int] = None  # class-balanced subset
     max_val_samples: Optional[int] = None
     # timm augmentation, all off by default
@@ -206,6 +210,7 @@ RULES: dict[str, Rule] = {
     "data.eval_batch_size": optional(POSITIVE_INT),
     "data.num_workers": Rule(lambda v: v == "auto" or NON_NEGATIVE_INT.accepts(v), "auto or an integer >= 0"),
     "data.in_memory": one_of(IN_MEMORY_CHOICES),
+    "data.decode": one_of(DECODE_CHOICES),
     "data.max_train_samples": optional(POSITIVE_INT),
     "data.max_val_samples": optional(POSITIVE_INT),
     "data.randaugment": optional(Rule(lambda v: isinstance(v, str) and v.split("-")[0] == "rand",
@@ -275,6 +280,10 @@ JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
      "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
     (("model.mix_token", "data.multi_label"), lambda mix_token, multi_label: not (mix_token and multi_label),
      "model.mix_token=true with single-label data (token labelling's loss is a softmax over classes)"),
+    (("data.decode", "data.randaugment", "data.reprob", "data.color_jitter"),
+     lambda decode, randaugment, reprob, jitter: decode != "gpu" or not (randaugment or reprob > 0 or jitter > 0),
+     "data.decode=gpu without data.randaugment, data.reprob and data.color_jitter (they run on PIL images); "
+     "or data.decode=auto"),
     (("trainer.amp", "trainer.device"), lambda amp, device: amp != "fp16" or device != "cpu",
      "trainer.amp=fp16 on CUDA only; on the CPU use trainer.amp=bf16"),
 ]

@@ -226,9 +226,11 @@ def test_the_schemas_allowed_names_are_the_ones_the_code_accepts():
     import engine.trainer
     import models.backbones.resnet
     import models.layers
+    from data.device_decode import DECODE_CHOICES
     from data.in_memory import IN_MEMORY_CHOICES
 
     assert set(config.DATASETS) == set(data.DATASETS) and set(config.IN_MEMORY_CHOICES) == set(IN_MEMORY_CHOICES)
+    assert set(config.DECODE_CHOICES) == set(DECODE_CHOICES)
     assert set(config.STEMS) == set(models.layers.STEMS) and set(config.NORMS) == set(models.backbones.resnet.NORMS)
     assert set(config.SCHEDULES) == set(engine.optim.SCHEDULES)
     assert set(config.AMP_MODES) == set(engine.trainer.AMP_DTYPES)

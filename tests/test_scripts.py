@@ -295,3 +295,23 @@ def test_excitation_analysis_means_per_class_match_the_gates(tmp_path):
         expected = gates[0][labels == k].mean(0)
         got = [float(r["mean_excitation"]) for r in rows if r["block"] == "stage3_unit3" and r["class"] == str(k)]
         torch.testing.assert_close(torch.tensor(got), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_every_measurement_at_toy_sizes_on_the_cpu(tmp_path):
+    """``--smoke``: the script cannot rot while no GPU is at hand; the JSON holds every measurement in order."""
+    proc = run_script("benchmark_gpu.py", "--smoke", f"--out={tmp_path}", in_process=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "benchmark_gpu.json").read_text())
+    names = ["step_resnet50", "step_se_resnet50", "step_cbam_resnet50", "step_mobilenetv2_ca", "step_volo_d1",
+             "cifar_resnet20", "input_pil", "input_gpu", "step_resnet50_compiled", "step_se_resnet50_compiled",
+             "train_resnet50_folder"]
+    assert list(saved["results"]) == names  # the priority order
+    assert all("error" not in r and r["images_per_s"] > 0 for r in saved["results"].values()), saved["results"]
+    assert saved["results"]["step_resnet50_compiled"]["first_step_s"] > 0
+    table = (tmp_path / "benchmark_gpu.md").read_text()
+    assert table.count("\n| ") == len(names) + 2 and "≥ 50,000 img/s" in table  # head, rule, a row each
+    only = run_script("benchmark_gpu.py", "--smoke", f"--out={tmp_path / 'again'}", "--only=input_pil",
+                      in_process=False)
+    assert only.returncode == 0 and list(json.loads((tmp_path / "again" / "benchmark_gpu.json").read_text())
+                                         ["results"]) == ["input_pil"]

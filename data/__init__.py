@@ -157,13 +157,17 @@ def _device_decode_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset
                            val_order: ShardSampler, drop_last: bool, seed: int, device: torch.device
                            ) -> tuple[DeviceDecodeLoader, DeviceDecodeLoader]:
     """``data.decode=gpu``: workers read file bytes, the device decodes and transforms (``data/device_decode.py``)."""
-    common = _worker_options(cfg, seed, collate_encoded)
+    common = {**_worker_options(cfg, seed, collate_encoded), "pin_memory": False}  # the decoders read host bytes
+    transform = train_transform(cfg)
+    if transform.library or transform.after:  # whatever the recipe adds runs on PIL images
+        raise DataError("data.decode=gpu but the recipe's augmentations after the crop run on PIL images; "
+                        "set data.decode=auto (or cpu)")
     wrap = SkipUnreadable if cfg.skip_corrupt else (lambda d: d)
     train_files, val_files = (wrap(EncodedFiles(file_samples(d))) for d in (train_set, val_set))
     train = DataLoader(train_files, cfg.batch_size, sampler=order, drop_last=drop_last, **common)
     val = DataLoader(val_files, cfg.eval_batch_size or 2 * cfg.batch_size, sampler=val_order, **common)
     shared = {"mean": list(cfg.mean), "std": list(cfg.std), "seed": seed, "skip_corrupt": cfg.skip_corrupt}
-    return (DeviceDecodeLoader(train, device, train_transform(cfg).crop, [], **shared),
+    return (DeviceDecodeLoader(train, device, transform.crop, [], **shared),
             DeviceDecodeLoader(val, device, None, pixel_ops(eval_transform(cfg)), **shared))
 
 

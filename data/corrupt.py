@@ -24,6 +24,12 @@ class Batch(tuple):
     def __reduce__(self):
         return Batch, (tuple(self), self.skipped)
 
+    def pin_memory(self) -> "Batch":
+        """The batch in pinned memory, keeping ``skipped`` (torch's pin_memory would rebuild a plain tuple)."""
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return Batch(tuple(pin_memory(item) for item in self), self.skipped)
+
 
 class SkipCorrupt(Dataset):
     """``dataset`` whose unreadable samples come back as ``Skipped`` instead of raising."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms as T
 from torch.utils.data import Dataset, Subset, default_collate
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import functional as TF
 
 from data.corrupt import Batch, SkipCorrupt, Skipped, batch_skipped

@@ -7,4 +7,5 @@ def loader_workers(requested: int | str) -> int:
     torchrun started on this machine (so none of them asks for more workers than there are cores)."""
     if requested != "auto":
         return int(requested)
-    return len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    return cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

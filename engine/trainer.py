@@ -261,7 +261,7 @@ def evaluate(
     images = scored_single = 0  # counted on the host: no device tensor built from a host number per batch
     start = time.perf_counter()
     skipped: list[str] = []
-    multi_scores: list[torch.Tensor] = []  # multi-hot only: (logits, targets) per batch, on the host, for AUROC
+    multi_scores: list[torch.Tensor] = []  # multi-hot only: (logits, targets) per batch, for AUROC
     for batch in loader:
         x, y = batch
         skipped += batch_skipped(batch)
@@ -277,7 +277,7 @@ def evaluate(
             loss = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").mean(1).sum()
             hits = y.gather(1, top) > 0
             scored_multi += (y > 0).any(1).sum()
-            multi_scores.append(torch.stack([logits, y.float()]).cpu())
+            multi_scores.append(torch.stack([logits, y.float()]))  # read back once, after the loop
         else:
             loss = F.cross_entropy(logits, y, reduction="sum")
             hits = top.eq(y[:, None])
@@ -294,7 +294,8 @@ def evaluate(
         "images_per_s": n / elapsed, "count": int(n), "skipped": skipped,
     }
     if scored_multi:
-        result["auroc"] = mean_auroc(torch.cat([t for part in all_gather_objects(multi_scores) for t in part], 1))
+        mine = torch.cat(multi_scores, 1).cpu() if multi_scores else None  # None: this rank had no batch
+        result["auroc"] = mean_auroc(torch.cat([t for t in all_gather_objects(mine) if t is not None], 1))
     return result
 
 

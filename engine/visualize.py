@@ -71,6 +71,17 @@ def block_places(model: nn.Module) -> dict[str, str]:
     return places
 
 
+def block_label(name: str, modules: dict[str, nn.Module], kinds: dict[type, str]) -> str:
+    """The config name of the block at ``name`` or of the nearest block around it (outlook's attention sits
+    inside the ``outlook`` plug-in); the class name where none is registered (VOLO's own mixer)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        kind = kinds.get(type(modules.get(".".join(parts[:end]))))
+        if kind is not None:
+            return kind
+    return type(modules[name]).__name__
+
+
 @contextmanager
 def capture_block_inputs(model: nn.Module) -> Iterator[list[tuple[str, nn.Module, torch.Tensor]]]:
     """Records (name, block, input) for every block with maps while the model runs."""
@@ -88,12 +99,12 @@ def capture_block_inputs(model: nn.Module) -> Iterator[list[tuple[str, nn.Module
 def collect_maps(model: nn.Module, images: torch.Tensor, query: tuple[float, float] = (0.5, 0.5)
                  ) -> list[list[BlockMap]]:
     """Every block's maps of each of ``images`` ((B, 3, H, W) normalised inputs; the model in eval mode)."""
-    places, kinds = block_places(model), block_names()
+    places, kinds, modules = block_places(model), block_names(), dict(model.named_modules())
     with capture_block_inputs(model) as records:
         model(images)
     out: list[list[BlockMap]] = [[] for _ in range(len(images))]
     for name, block, x in records:
-        label = kinds.get(type(block), type(block).__name__)
+        label = block_label(name, modules, kinds)
         for map_name, (kind, maps) in attention_maps(block, x, query).items():
             for b in range(len(images)):
                 out[b].append(BlockMap(places.get(name, name), label, map_name, kind, maps[b].float().cpu()))
@@ -143,11 +154,9 @@ def attention_figure(image: torch.Tensor, maps: list[BlockMap], cam: torch.Tenso
         title: e.g. the image's name and the predicted class.
         query: the query position (row, column fractions) of the query maps.
     Returns:
-        A matplotlib Figure (Agg): ``savefig`` it, or hand it to TensorBoard's ``add_figure``.
+        A matplotlib Figure (no pyplot, so no display backend): ``savefig`` it, or hand it to TensorBoard's
+        ``add_figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure

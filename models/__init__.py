@@ -99,6 +99,9 @@ def fit_to_input_size(model: nn.Module, image_size: int, in_chans: int = 3) -> N
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, in_chans, image_size, image_size))
+    except RuntimeError as e:  # a block that cannot take this size
+        raise ConfigError(f"the model cannot run on {image_size}x{image_size} inputs ({str(e).splitlines()[0]}); "
+                          "check data.image_size and model.stem") from None
     finally:
         for handle in handles:
             handle.remove()

@@ -38,7 +38,8 @@ def load_model(overrides: list[str], checkpoint: str | None) -> tuple[nn.Module,
             state = load_checkpoint(checkpoint)
             trained = OmegaConf.create(state["config"])
             cfg.model, cfg.attention, cfg.attention_extra = trained.model, trained.attention, trained.attention_extra
-            cfg.data.num_classes = trained.data.num_classes
+            cfg.data.num_classes, cfg.data.image_size = trained.data.num_classes, trained.data.image_size
+            cfg.model.pretrained = None  # the checkpoint's weights replace whatever the run started from
         torch.manual_seed(cfg.seed)  # without a checkpoint: the weights a training run with this seed starts from
         model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes,
                             cfg.data.image_size)

@@ -26,9 +26,11 @@ from _config import ROOT  # noqa: F401  (puts the repo on the path)
 from engine.tensorboard import flatten
 
 # Keys that say how a run was executed, not what was trained: never table columns.
-IGNORED_KEYS = {"seed", "data.root", "data.num_workers", "data.download", "trainer.progress", "trainer.resume",
-                "trainer.eval_only", "trainer.device", "trainer.log_interval"}
+IGNORED_KEYS = {"seed", "data.root", "data.num_workers", "data.download", "data.decode", "data.in_memory",
+                "trainer.progress", "trainer.resume", "trainer.eval_only", "trainer.device", "trainer.log_interval",
+                "trainer.attention_maps", "trainer.checkpoint_every_steps"}
 METRICS = ("top1_err", "top5_err")
+GROUP_COLOURS = ("C0", "C1", "C2", "C4", "C5", "C6")  # C3 (red) marks the paper's numbers
 BASELINE_NAME = "none"  # attention.name of the plain network: the baseline row wherever it is among the runs
 
 
@@ -192,11 +194,11 @@ def numeric_key(rows: list[dict], keys: list[str]) -> str | None:
     return numeric[0] if len(numeric) == 1 else None
 
 
-def _draw(ax, xs: float, r: dict, label: str | None, paper_label: str | None) -> None:
+def _draw(ax, xs: float, r: dict, label: str | None, paper_label: str | None, colour: str = "C0") -> None:
     """One configuration: mean top-1 error with the seeds' std as a bar, and the paper's number as a cross."""
     ys = r["top1_err"]
     ax.errorbar(xs, statistics.mean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else 0.0, fmt="o", capsize=3,
-                color="C0", label=label)
+                color=colour, label=label)
     if r.get("paper") is not None:
         ax.plot(xs, r["paper"], "x", color="C3", markersize=8, label=paper_label)
 
@@ -213,11 +215,16 @@ def plot(rows: list[dict], keys: list[str], x: str, path: Path, base: dict | Non
     if swept:
         ax = axes[0][0]
         points = sorted(((number(r[swept]), r) for r in rows if r[swept] != "-"), key=lambda point: point[0])
-        paper_labelled = False
-        for i, (value, r) in enumerate(points):
+        others = [k for k in keys if k != swept]  # rows that differ in another key get their own colour
+        groups = list(dict.fromkeys(tuple(r[k] for k in others) for _, r in points))
+        labelled, paper_labelled = set(), False
+        for value, r in points:
+            group = tuple(r[k] for k in others)
             has_paper = r.get("paper") is not None
-            _draw(ax, value, r, "ours: mean ± std over seeds" if i == 0 else None,
-                  "paper" if has_paper and not paper_labelled else None)
+            name = ", ".join(f"{k}={v}" for k, v in zip(others, group) if v != "-")
+            _draw(ax, value, r, None if group in labelled else f"ours{': ' + name if name else ''} (mean ± std over seeds)",
+                  "paper" if has_paper and not paper_labelled else None, GROUP_COLOURS[groups.index(group) % len(GROUP_COLOURS)])
+            labelled.add(group)
             paper_labelled |= has_paper
         values = [v for v, _ in points]
         if min(values) > 0 and max(values) / min(values) >= 4:  # a geometric sweep (r = 2 ... 32)

@@ -31,6 +31,7 @@ from _config import ROOT, compose_from_argv
 from benchmark import timed
 
 from data import build_datasets, build_loaders, set_train_epoch
+from data.device_decode import decode_on_device
 from data.synthetic import write_jpeg_folder
 from engine.checkpoint import TrainState
 from engine.optim import build_optimizer, build_scheduler
@@ -179,7 +180,8 @@ def train_rate(folder: Path, sizes: Sizes, out: Path) -> dict:
     with GpuBusy() as busy:
         metrics = train(cfg, out / "train_resnet50_folder")
     return {"images_per_s": metrics["train_images_per_s"], "gpu_busy": busy.share(),
-            "decode": "gpu" if torch.cuda.is_available() else "cpu"}
+            "decode": "gpu" if decode_on_device(cfg.data, build_datasets(cfg.data)[0], torch.device(sizes.device))
+            else "cpu"}
 
 
 def cifar_rate(cifar_root: Path | None, sizes: Sizes) -> dict:
@@ -195,7 +197,7 @@ def cifar_rate(cifar_root: Path | None, sizes: Sizes) -> dict:
     result = {"data": cfg.data.name, "images": len(train_set)}
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes, 32)
+        model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes, cfg.data.image_size)
         model = model.to(device, memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg.optim)
         state = TrainState(model, optimizer, build_scheduler(optimizer, cfg.sched, 3, len(loader)),

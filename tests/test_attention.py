@@ -517,18 +517,20 @@ def test_blocks_with_maps_are_the_models_blocks_that_have_them():
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCKS))
-def test_every_block_renders_its_maps_at_the_images_size(name):
-    from engine.visualize import render_attention
+def test_every_block_draws_its_maps_into_the_figure(name):
+    from engine.visualize import attention_figure, collect_maps
 
     torch.manual_seed(0)
     model = build_model({"name": "resnet20"}, {"name": name, "stages": [-1]}, num_classes=10).eval()
-    display = torch.rand(2, 3, 32, 32)
-    rendered = render_attention(model, (display - 0.5) / 0.5, display, query=(0.3, 0.7))
-    assert bool(rendered[0]) == bool(blocks_with_maps(model)) and rendered[0].keys() == rendered[1].keys()
-    for per_image in rendered:
-        for key, array in per_image.items():
-            assert array.shape == (32, 32, 3) and array.dtype.name == "uint8", key
-            assert array.std() > 0, key  # not a blank image
+    maps = collect_maps(model, torch.randn(2, 3, 32, 32), query=(0.3, 0.7))
+    assert bool(maps[0]) == bool(blocks_with_maps(model)) and len(maps[0]) == len(maps[1])
+    for m in maps[0]:
+        assert m.block == name and m.place.startswith("stage 3 · unit ") or m.place in ("head", "input"), m.place
+        assert m.values.dim() == (1 if m.kind == "channel" else 2) and torch.isfinite(m.values).all()
+    fig = attention_figure(torch.rand(3, 32, 32), maps[0], torch.rand(8, 8))
+    spatial = [m for m in maps[0] if m.kind != "channel"]
+    drawn = [ax.get_title() for ax in fig.axes if ax.get_title().startswith(("stage", "head", "input\n"))]
+    assert len(drawn) == len(spatial)
 
 
 # --- every registered block compiles --------------------------------------------------------------

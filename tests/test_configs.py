@@ -128,7 +128,7 @@ def test_every_experiment_starts_with_its_command_and_builds(experiment):
 BAD_VALUES = {
     "seed": "-1", "data.name": "mnist", "data.num_classes": "0", "data.image_size": "0", "data.stem": "tiny",
     "data.mean": "[0.5,0.5]", "data.std": "[0.5,0,0.5]", "data.crop_pct": "0", "data.interpolation": "lanczos",
-    "data.batch_size": "0", "data.eval_batch_size": "-8", "data.num_workers": "-1", "data.in_memory": "maybe",
+    "data.batch_size": "0", "data.eval_batch_size": "-8", "data.num_workers": "-1", "data.in_memory": "maybe", "data.decode": "fast",
     "data.max_train_samples": "0", "data.max_val_samples": "-5", "data.reprob": "1.5", "data.mixup": "-0.2",
     "data.cutmix": "-1", "data.label_smoothing": "1.0", "optim.name": "adam", "optim.lr": "0",
     "optim.weight_decay": "-1e-4", "optim.momentum": "1.0", "optim.betas": "[0.9,1.1]", "optim.clip_grad": "0",

@@ -199,6 +199,17 @@ def test_imagenet_recipe_has_no_colour_jitter_unless_asked_and_erases_with_the_c
         assert [(type(op), op.mode) for op in erasing] == [(RandomErasing, mode)]
 
 
+def test_pinned_batches_keep_the_reasons_their_images_were_left_out(monkeypatch):
+    """torch's pin_memory (the loaders pin on CUDA) rebuilds tuples; ``Batch`` carries its skipped files across."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from data.corrupt import Batch
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)  # no CUDA here
+    pinned = pin_memory(Batch((torch.zeros(2, 3), torch.tensor([0, 1])), ["bad.jpg: truncated"]))
+    assert isinstance(pinned, Batch) and pinned.skipped == ("bad.jpg: truncated",) and pinned[1].tolist() == [0, 1]
+
+
 def test_num_workers_auto_shares_this_processes_cpus_among_the_local_processes(tmp_path, monkeypatch):
     from data import build_loaders
     from data.workers import loader_workers

@@ -53,7 +53,8 @@ def test_gpu_decode_gives_the_pil_paths_batches(jpeg_folder, split):
                                                   strict=True):
             assert torch.equal(y_pil, y_dev) and x_pil.shape == x_dev.shape == (len(y_pil), 3, 32, 32)
             pixels = ((x_pil - x_dev) * std).abs() * 255  # back to 0-255 pixel units
-            assert pixels.mean() <= 2.0, pixels.mean()  # the same boxes: other crops would differ by tens
+            # the bound is 2 (of 255); the same boxes give 0.1 to 0.15 here, a box off by an epoch's draw 70
+            assert pixels.mean() <= 0.5, pixels.mean()
 
 
 def test_gpu_decode_batches_repeat_for_the_same_epoch_and_change_with_it(jpeg_folder):

@@ -124,6 +124,9 @@ def test_train_loads_pretrained_weights_and_init_from_wins(quick_config, tmp_pat
     assert metrics["status"] == "completed"
     assert any("not loaded: the resumed or trainer.init_from weights replace it" in r.getMessage()
                for r in caplog.records)
+    resumed = train(quick_config(*overrides, "trainer.epochs=2", "model.pretrained=/nowhere/weights.pth"),
+                    tmp_path / "first")  # a resume of the first run: its last.pt wins, the source is not read
+    assert resumed["status"] == "completed" and resumed["epoch"] == 2
 
 
 def test_pretrained_must_be_a_path_or_a_name():

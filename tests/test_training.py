@@ -210,7 +210,7 @@ def test_multilabel_auroc_is_over_the_scores_of_every_rank(monkeypatch):
     from engine.trainer import build_precision, evaluate
 
     logits, targets = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    other_rank = [torch.stack([torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])])]
+    other_rank = torch.stack([torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])])
     monkeypatch.setattr(engine.trainer, "all_gather_objects", lambda mine: [mine, other_rank])
 
     class Fixed(nn.Module):
@@ -220,9 +220,12 @@ def test_multilabel_auroc_is_over_the_scores_of_every_rank(monkeypatch):
     result = evaluate(Fixed(), [(torch.arange(2.0)[:, None], targets)], build_precision("none", torch.device("cpu")))
     from sklearn.metrics import roc_auc_score
 
-    both = torch.cat([torch.stack([logits, targets]), other_rank[0]], 1)
+    both = torch.cat([torch.stack([logits, targets]), other_rank], 1)
     assert result["auroc"] == pytest.approx(roc_auc_score(both[1].numpy(), both[0].numpy(), average="macro"))
     assert result["auroc"] != pytest.approx(1.0)  # this rank's scores alone rank perfectly
+    monkeypatch.setattr(engine.trainer, "all_gather_objects", lambda mine: [mine, None, other_rank])  # a rank with none
+    again = evaluate(Fixed(), [(torch.arange(2.0)[:, None], targets)], build_precision("none", torch.device("cpu")))
+    assert again["auroc"] == pytest.approx(result["auroc"])
 
 
 def write_multilabel_set(root: Path, per_split: dict[str, int]) -> None:

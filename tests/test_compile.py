@@ -10,7 +10,7 @@ from models.backbones.base import SMALL_OPTIONS
 
 @pytest.mark.parametrize("backbone,attention", [
     ("resnet20", "se"), ("resnet20", "nonlocal"), ("resnet20", "mhsa"), ("resnet20", "criss_cross"),
-    ("mobilenetv2", "coord"), ("volo_d1", "none"), ("densenet121", "cbam"),
+    ("mobilenetv2", "coord"), ("volo_d1", "none"),
 ])
 def test_a_training_forward_has_no_graph_breaks(backbone, attention):
     model = build_model({"name": backbone, **SMALL_OPTIONS[backbone]}, {"name": attention}, num_classes=10,

@@ -135,13 +135,14 @@ def build_loaders(
                 raise DataError(f"data.in_memory=true but {e}; set data.in_memory=auto (or false)") from None
             reason = str(e)
     device = torch.device(device)
-    on_device = decode_on_device(cfg, train_set, device)
+    transform = train_transform(cfg)
+    on_device = decode_on_device(cfg, train_set, device, transform)
     if setting == "auto":
         log.info("data: per-image loading in %d worker(s), decoded on the %s (data.in_memory=auto: %s)",
                  loader_workers(cfg.num_workers), device.type if on_device else "workers' CPUs", reason)
     if on_device:
-        return _device_decode_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed, device)
-    return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed)
+        return _device_decode_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed, device, transform)
+    return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed, transform)
 
 
 def _worker_options(cfg: DictConfig, seed: int, collate) -> dict:
@@ -154,14 +155,10 @@ def _worker_options(cfg: DictConfig, seed: int, collate) -> dict:
 
 
 def _device_decode_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder,
-                           val_order: ShardSampler, drop_last: bool, seed: int, device: torch.device
-                           ) -> tuple[DeviceDecodeLoader, DeviceDecodeLoader]:
+                           val_order: ShardSampler, drop_last: bool, seed: int, device: torch.device,
+                           transform) -> tuple[DeviceDecodeLoader, DeviceDecodeLoader]:
     """``data.decode=gpu``: workers read file bytes, the device decodes and transforms (``data/device_decode.py``)."""
     common = {**_worker_options(cfg, seed, collate_encoded), "pin_memory": False}  # the decoders read host bytes
-    transform = train_transform(cfg)
-    if transform.library or transform.after:  # whatever the recipe adds runs on PIL images
-        raise DataError("data.decode=gpu but the recipe's augmentations after the crop run on PIL images; "
-                        "set data.decode=auto (or cpu)")
     wrap = SkipUnreadable if cfg.skip_corrupt else (lambda d: d)
     train_files, val_files = (wrap(EncodedFiles(file_samples(d))) for d in (train_set, val_set))
     train = DataLoader(train_files, cfg.batch_size, sampler=order, drop_last=drop_last, **common)
@@ -172,10 +169,10 @@ def _device_decode_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset
 
 
 def _pil_loaders(cfg: DictConfig, train_set: Dataset, val_set: Dataset, order: EpochOrder, val_order: ShardSampler,
-                 drop_last: bool, seed: int) -> tuple[DataLoader, DataLoader]:
-    """The PIL path: per-image loading and augmentation in ``data.num_workers`` loader processes."""
+                 drop_last: bool, seed: int, transform) -> tuple[DataLoader, DataLoader]:
+    """The PIL path: per-image loading and ``transform`` (the recipe's) in ``data.num_workers`` loader processes."""
     common = _worker_options(cfg, seed, collate_skipping if cfg.skip_corrupt else None)
-    keyed = KeyedSamples(train_set, train_transform(cfg), seed)
+    keyed = KeyedSamples(train_set, transform, seed)
     train = DataLoader(keyed, cfg.batch_size, sampler=order, drop_last=drop_last, **common)
     val = DataLoader(val_set, cfg.eval_batch_size or 2 * cfg.batch_size, sampler=val_order, **common)
     return train, val

@@ -27,18 +27,18 @@ DECODE_CHOICES = ("cpu", "gpu", "auto")
 JPEG_MAGIC = (0xFF, 0xD8)
 
 
-def decode_blocker(cfg, train_set: Dataset) -> str | None:
-    """Why the device path cannot run this recipe on this data (None: it can)."""
-    if cfg.randaugment or cfg.reprob > 0 or cfg.color_jitter > 0:
-        return "data.randaugment, data.reprob and data.color_jitter run on PIL images"
+def decode_blocker(cfg, train_set: Dataset, transform) -> str | None:
+    """Why the device path cannot run this recipe (its built ``TrainTransform``) on this data (None: it can)."""
+    if transform.library or transform.after:
+        return "the recipe's augmentations after the crop (RandAugment, colour jitter, erasing) run on PIL images"
     if file_samples(train_set) is None:
         return f"data={cfg.name} is not an image folder"
     return None
 
 
-def decode_on_device(cfg, train_set: Dataset, device: torch.device) -> bool:
+def decode_on_device(cfg, train_set: Dataset, device: torch.device, transform) -> bool:
     """Whether ``data.decode`` (cpu | gpu | auto: gpu where CUDA is) asks for, and gets, the device path."""
-    blocker = decode_blocker(cfg, train_set)
+    blocker = decode_blocker(cfg, train_set, transform)
     if cfg.decode == "gpu" and blocker:
         raise DataError(f"data.decode=gpu but {blocker}; set data.decode=auto (or cpu)")
     return cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda" and blocker is None)
@@ -202,7 +202,7 @@ class DeviceDecodeLoader:
             if not images:
                 yield Batch((None, None), skipped + reasons)
                 continue
-            x = torch.stack([self.transform(image, item) for image, item in zip(images, [
-                item for item, keep in zip(items, kept) if keep])])
+            decoded = [item for item, keep in zip(items, kept) if keep]
+            x = torch.stack([self.transform(image, item) for image, item in zip(images, decoded)])
             targets = targets[torch.tensor(kept)] if not all(kept) else targets
             yield Batch(((x - self.mean) / self.std, targets.to(self.device, non_blocking=True)), skipped + reasons)

@@ -30,7 +30,7 @@ import torch
 from _config import ROOT, compose_from_argv
 from benchmark import timed
 
-from data import build_datasets, build_loaders, set_train_epoch
+from data import build_datasets, build_loaders, set_train_epoch, train_transform
 from data.device_decode import decode_on_device
 from data.synthetic import write_jpeg_folder
 from engine.checkpoint import TrainState
@@ -180,8 +180,8 @@ def train_rate(folder: Path, sizes: Sizes, out: Path) -> dict:
     with GpuBusy() as busy:
         metrics = train(cfg, out / "train_resnet50_folder")
     return {"images_per_s": metrics["train_images_per_s"], "gpu_busy": busy.share(),
-            "decode": "gpu" if decode_on_device(cfg.data, build_datasets(cfg.data)[0], torch.device(sizes.device))
-            else "cpu"}
+            "decode": "gpu" if decode_on_device(cfg.data, build_datasets(cfg.data)[0], torch.device(sizes.device),
+                                                train_transform(cfg.data)) else "cpu"}
 
 
 def cifar_rate(cifar_root: Path | None, sizes: Sizes) -> dict:

@@ -13,7 +13,8 @@ from data.device_decode import (DeviceDecodeLoader, EncodedFiles, SkipUnreadable
                                 decode_on_device, file_samples, pixel_ops)
 from data.digits import DigitsDataset
 from data.folder import has_folder_layout, image_folder, torchvision_cifar
-from data.in_memory import NotResident, in_memory_setting, recipe_blocker, resident_loaders
+from data.in_memory import (NotResident, ResidentLoader, in_memory_setting, load_resident, memory_budget,
+                            recipe_blocker, resident_loaders)
 from data.multilabel import MultiLabelCSV
 from data.samplers import EpochOrder, ShardSampler, balanced_indices
 from data.seeded import KeyedSamples
@@ -27,13 +28,14 @@ log = logging.getLogger("attnlab")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder", "multilabel_csv")
 
 
-def build_dataset(cfg: DictConfig, train: bool) -> Dataset:
+def build_dataset(cfg: DictConfig, train: bool, transformed: bool | None = None) -> Dataset:
     """The train or val split named by ``cfg.name``, before any subsetting.
 
     Val images come transformed (the eval transform is deterministic); train images come as decoded,
     since their augmentation needs each sample's (seed, epoch, index): ``build_loaders`` adds it.
+    ``transformed=True`` gives the train split with the eval transform (``data.val_split``'s hold-out).
     """
-    transform = None if train else eval_transform(cfg)
+    transform = eval_transform(cfg) if (not train if transformed is None else transformed) else None
     if cfg.name == "digits":
         return DigitsDataset(train, cfg.image_size, transform)
     if cfg.name not in DATASETS:
@@ -87,17 +89,53 @@ def _check_classes(cfg: DictConfig, train_set: Dataset, val_set: Dataset) -> Non
         )
 
 
+VAL_SPLIT_SEED = 0  # the hold-out does not follow cfg.seed: every run of a sweep validates on the same images
+
+
 def build_datasets(cfg: DictConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """Train and val sets, checked against ``num_classes`` and cut to class-balanced subsets if asked."""
+    """Train and val sets, checked against ``num_classes`` and cut to class-balanced subsets if asked.
+
+    With ``data.val_split=N`` the val set is N class-balanced images held out of the train split (with
+    the eval transform), and the data set's own val split is the test set (``build_test_set``).
+    """
     train_set, val_set = build_dataset(cfg, True), build_dataset(cfg, False)
     _check_classes(cfg, train_set, val_set)
+    if cfg.val_split:
+        train_set, val_set = hold_out(cfg, train_set)
     if cfg.max_train_samples:
-        train_set = Subset(train_set, balanced_indices(train_set.targets, cfg.max_train_samples, seed))
+        train_set = Subset(train_set, balanced_indices(targets_of(train_set), cfg.max_train_samples, seed))
     if cfg.max_val_samples:
-        val_set = Subset(val_set, balanced_indices(val_set.targets, cfg.max_val_samples, seed))
+        val_set = Subset(val_set, balanced_indices(targets_of(val_set), cfg.max_val_samples, seed))
     if cfg.skip_corrupt:
         train_set, val_set = SkipCorrupt(train_set), SkipCorrupt(val_set)
     return train_set, val_set
+
+
+def targets_of(dataset: Dataset) -> list:
+    """The targets of a data set or of a subset of one."""
+    if isinstance(dataset, Subset):
+        targets = targets_of(dataset.dataset)
+        return [targets[i] for i in dataset.indices]
+    return list(dataset.targets)
+
+
+def hold_out(cfg: DictConfig, train_set: Dataset) -> tuple[Subset, Subset]:
+    """``data.val_split`` class-balanced train images as the val set (eval transform), the rest to train on."""
+    if cfg.val_split >= len(train_set):
+        raise DataError(f"data.val_split={cfg.val_split} holds out the whole {cfg.name} train split "
+                        f"({len(train_set)} images); use a number below {len(train_set)}")
+    held = balanced_indices(train_set.targets, cfg.val_split, VAL_SPLIT_SEED)
+    kept = sorted(set(range(len(train_set))) - set(held))
+    return Subset(train_set, kept), Subset(build_dataset(cfg, True, transformed=True), held)
+
+
+def build_test_set(cfg: DictConfig) -> Dataset | None:
+    """With ``data.val_split``, the data set's own val split (e.g. CIFAR's official test set), evaluated
+    once at the end of training and never used to choose; without, None (the val split is then the test)."""
+    if not cfg.val_split:
+        return None
+    test_set = build_dataset(cfg, False)
+    return SkipCorrupt(test_set) if cfg.skip_corrupt else test_set
 
 
 def check_in_memory(cfg: DictConfig) -> str | None:
@@ -143,6 +181,25 @@ def build_loaders(
     if on_device:
         return _device_decode_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed, device, transform)
     return _pil_loaders(cfg, train_set, val_set, order, val_order, drop_last, seed, transform)
+
+
+def build_eval_loader(cfg: DictConfig, dataset: Dataset, like: Iterable, rank: int = 0, world_size: int = 1,
+                      seed: int = 0, device: torch.device | str = "cpu") -> Iterable:
+    """An evaluation loader over ``dataset`` on the same input path as the val loader ``like``
+    (tensor-resident, device-decoded or PIL), each image counted once over the ranks."""
+    order, device = ShardSampler(len(dataset), rank, world_size), torch.device(device)
+    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
+    if isinstance(like, ResidentLoader):
+        images = load_resident(dataset, device, loader_workers(cfg.num_workers), memory_budget(device))
+        return ResidentLoader(images, order, eval_batch, cfg.mean, cfg.std)
+    if isinstance(like, DeviceDecodeLoader):
+        files = EncodedFiles(file_samples(dataset))
+        loader = DataLoader(SkipUnreadable(files) if cfg.skip_corrupt else files, eval_batch, sampler=order,
+                            **{**_worker_options(cfg, seed, collate_encoded), "pin_memory": False})
+        return DeviceDecodeLoader(loader, device, None, pixel_ops(eval_transform(cfg)), mean=list(cfg.mean),
+                                  std=list(cfg.std), seed=seed, skip_corrupt=cfg.skip_corrupt)
+    options = _worker_options(cfg, seed, collate_skipping if cfg.skip_corrupt else None)
+    return DataLoader(dataset, eval_batch, sampler=order, **options)
 
 
 def _worker_options(cfg: DictConfig, seed: int, collate) -> dict:
@@ -194,4 +251,4 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-__all__ = ["DataError", "build_datasets", "build_loaders", "check_in_memory", "set_train_epoch", "train_transform"]
+__all__ = ["DataError", "build_datasets", "build_eval_loader", "build_loaders", "build_test_set", "check_in_memory", "set_train_epoch", "train_transform"]

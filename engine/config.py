@@ -56,6 +56,9 @@ class DataConfig:
     decode: str = "auto"
     max_train_samples: Optional[int] = None  # class-balanced subset
     max_val_samples: Optional[int] = None
+    # hold out N class-balanced train images as the val set (best.pt, every choice); the data set's own
+    # val split is then the test set, evaluated once with the final weights (e.g. CIFAR's 45k/5k split: 5000)
+    val_split: int = 0
     # timm augmentation, all off by default
     randaugment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1
     reprob: float = 0.0  # random erasing probability
@@ -213,6 +216,7 @@ RULES: dict[str, Rule] = {
     "data.decode": one_of(DECODE_CHOICES),
     "data.max_train_samples": optional(POSITIVE_INT),
     "data.max_val_samples": optional(POSITIVE_INT),
+    "data.val_split": NON_NEGATIVE_INT,
     "data.randaugment": optional(Rule(lambda v: isinstance(v, str) and v.split("-")[0] == "rand",
                                       "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1")),
     "data.reprob": PROBABILITY,
@@ -280,6 +284,8 @@ JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
      "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
     (("model.mix_token", "data.multi_label"), lambda mix_token, multi_label: not (mix_token and multi_label),
      "model.mix_token=true with single-label data (token labelling's loss is a softmax over classes)"),
+    (("data.val_split", "data.multi_label"), lambda val_split, multi_label: not (val_split and multi_label),
+     "data.val_split with single-label data (the hold-out is class-balanced); for multi-label data split the CSV"),
     (("data.decode", "data.randaugment", "data.reprob", "data.color_jitter"),
      lambda decode, randaugment, reprob, jitter: decode != "gpu" or not (randaugment or reprob > 0 or jitter > 0),
      "data.decode=gpu without data.randaugment, data.reprob and data.color_jitter (they run on PIL images); "

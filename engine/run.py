@@ -2,6 +2,7 @@
 import functools
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data import build_datasets, build_loaders, check_in_memory, set_train_epoch
+from data import (build_datasets, build_eval_loader, build_loaders, build_test_set, check_in_memory,
+                  set_train_epoch)
 from engine.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from engine.complexity import count_macs, count_params
 from engine.config import DEVICES, check_config
@@ -120,6 +122,7 @@ class Run:
     train_model: nn.Module  # what the steps run: the model, compiled and DDP-wrapped as configured
     eval_model: nn.Module  # the same without DDP
     steps_per_epoch: int  # of a whole epoch (a resumed loader's length is what is left of its epoch)
+    test_loader: Any = None  # data.val_split: the data set's own val split, evaluated once at the end
     writer: LazyWriter | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # what metrics.json holds
 
@@ -177,7 +180,11 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     train_loader, val_loader = build_loaders(  # mixup pairs samples within a batch: keep batches full
         cfg.data, train_set, val_set, rank, world_size, drop_last=mixup is not None, seed=cfg.seed, device=device
     )
-    log.info("data %s: %d train / %d val images", cfg.data.name, len(train_set), len(val_set))
+    test_set = build_test_set(cfg.data)
+    test_loader = (None if test_set is None else
+                   build_eval_loader(cfg.data, test_set, val_loader, rank, world_size, cfg.seed, device))
+    log.info("data %s: %d train / %d val images%s", cfg.data.name, len(train_set), len(val_set),
+             f" (held out of train, data.val_split), {len(test_set)} test images" if test_set is not None else "")
     if tcfg.init_from and not resuming:  # a resume wins
         load_init_weights(model, tcfg.init_from, tcfg.new_head)
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
@@ -185,7 +192,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     step_options = StepOptions(criterion, precision, mixup, cfg.optim.clip_grad, tcfg.channels_last,
                                tcfg.log_interval, tcfg.on_nonfinite, progress_bar=tcfg.progress and rank == 0)
     run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, step_options,
-              train_model, eval_model, len(train_loader))
+              train_model, eval_model, len(train_loader), test_loader)
     state = _build_state(cfg, model, precision, world_size, run.steps_per_epoch)
     _resume(run, state)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.main else None
@@ -249,6 +256,7 @@ def _evaluate_only(run: Run, state: TrainState) -> dict[str, Any]:
     if skipped:
         metrics["skipped_images"] = _report_skipped(run.run_dir, skipped, run.main)
     metrics.update(status="completed", epoch=state.epoch, best_top1_err=metrics["top1_err"])
+    _evaluate_test(run, state)
     return _finish(metrics, run.run_dir, run.main, writer=None, cfg=run.cfg)
 
 
@@ -263,8 +271,10 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
     log.info("ready to train %.1f s after the command started", run.metrics["startup_s"])
     with StopSignals() as signals:
         for epoch in range(state.epoch + 1, epochs + 1):
+            start = time.perf_counter()
             stats = _train_epoch(run, state, epoch, signals)
-            _end_epoch(run, state, epoch, stats)
+            _end_epoch(run, state, epoch, stats, start)
+    _evaluate_test(run, state)
     run.metrics["status"] = "completed"
     return _finish(run.metrics, run.run_dir, run.main, run.writer, run.cfg)
 
@@ -298,7 +308,25 @@ def _save_partial(run: Run, state: TrainState, epoch: int, progress: dict[str, A
         save_checkpoint(state.checkpoint(_config(run.cfg), {"epoch": epoch, **progress}), run.checkpoints / "last.pt")
 
 
-def _end_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any]) -> None:
+def _evaluate_test(run: Run, state: TrainState) -> None:
+    """``data.val_split``: the final weights (not best.pt's) on the test set, once, as ``test_*`` metrics."""
+    if run.test_loader is None:
+        return
+    tcfg = run.cfg.trainer
+    result = evaluate(run.eval_model, run.test_loader, run.precision, tcfg.channels_last)
+    ema_result = evaluate(state.ema.module, run.test_loader, run.precision, tcfg.channels_last) if state.ema else None
+    test = {f"test_{k}": v for k, v in _epoch_metrics(result, ema_result).items()}
+    test["test_loss"] = test.pop("test_val_loss")
+    test["test_images"] = test.pop("test_val_images")
+    run.metrics.update(test)
+    log.info("test set (data.val_split: %s's own val split, final weights of epoch %d): top-1 err %.2f%%, "
+             "top-5 err %.2f%%, loss %.4f", run.cfg.data.name, state.epoch, result["top1_err"], result["top5_err"],
+             result["loss"])
+    if run.writer is not None:
+        run.writer.add_scalar("test/top1_err", result["top1_err"], state.epoch * run.steps_per_epoch)
+
+
+def _end_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any], start: float) -> None:
     """Check the replicas, evaluate, record the epoch in the history and metrics.json, checkpoint."""
     tcfg = run.cfg.trainer
     check_replicas_agree(state.model, f"epoch {epoch}")
@@ -310,6 +338,7 @@ def _end_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any]) -
     record = {"epoch": epoch, "train_loss": loss_sum / max(loss_steps, 1),  # over every rank's batches
               "lr": state.optimizer.param_groups[0]["lr"], "train_images_per_s": stats["images_per_s"],
               **_epoch_metrics(result, ema_result)}
+    record["epoch_s"] = round(time.perf_counter() - start, 2)  # this process's wall time: steps and evaluations
     if stats["skipped_steps"]:
         record["skipped_steps"] = stats["skipped_steps"]
     skipped = _gather_skipped(stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
@@ -474,7 +503,8 @@ def _finish(metrics: dict[str, Any], run_dir: Path, main: bool, writer: LazyWrit
     if main:
         write_json(run_dir / "metrics.json", metrics)
         if writer is not None:
-            final = {f"final/{k}": metrics[k] for k in ("top1_err", "top5_err", "val_loss", "best_top1_err", "auroc")
+            final = {f"final/{k}": metrics[k] for k in ("top1_err", "top5_err", "val_loss", "best_top1_err", "auroc",
+                                                        "test_top1_err", "test_top5_err")
                      if metrics.get(k) is not None}
             log_hparams(writer, OmegaConf.to_container(cfg, resolve=True), final)
     return metrics

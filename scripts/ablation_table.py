@@ -8,9 +8,12 @@ then top-1 and top-5 error, with several seeds the difference to the baseline ro
 none, else the paper block's ``baseline`` value) with a 95% confidence interval (Welch's t), mean AUROC
 for multi-label runs, parameters, MACs and train images/s; runs that differ only in ``seed`` are
 aggregated as mean ± std (n). Runs that did not complete are listed apart and never averaged in. The
-CSV and a PNG are written beside the first DIR: top-1 error against the varied key where it is a number
+CSV and a PNG are written to --out (default: the first DIR): top-1 error against the varied key where it is a number
 (log scale for a geometric sweep such as r), seeds' spread as error bars and the paper's numbers as
 crosses, beside top-1 error against parameters (or MACs).
+Runs trained with ``data.val_split`` report their test-set error (``test_top1_err``: the final weights on the
+data set's own val split), where every run has one. Run records (``docs/runs/``: a ``record.json`` beside
+metrics.json, from scripts/record_run.py) add the command, the hardware and the wall time.
 """
 import argparse
 import csv
@@ -34,6 +37,17 @@ GROUP_COLOURS = ("C0", "C1", "C2", "C4", "C5", "C6")  # C3 (red) marks the paper
 BASELINE_NAME = "none"  # attention.name of the plain network: the baseline row wherever it is among the runs
 
 
+def reported(metrics: dict, on_test: bool) -> dict[str, float]:
+    """The errors a table row reports: the test set's (data.val_split runs) or the val set's."""
+    return {k: metrics[f"test_{k}" if on_test else k] for k in METRICS}
+
+
+def wall_time(seconds: float) -> str:
+    """'1 h 02 min' or '48 min'."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 def load_runs(dirs: list[Path]) -> list[dict]:
     """Every run below ``dirs``: its path, flattened config and metrics."""
     runs = []
@@ -44,7 +58,9 @@ def load_runs(dirs: list[Path]) -> list[dict]:
             raw = (yaml.safe_load(config_path.read_text()) if config_path.exists() else None) or {}
             runs.append({"dir": run_dir, "config": flatten({k: v for k, v in raw.items() if k != "paper"}),
                          "paper": paper_number(raw), "paper_block": raw.get("paper") or {},
-                         "metrics": json.loads(metrics_path.read_text())})
+                         "metrics": json.loads(metrics_path.read_text()),
+                         "record": json.loads(record.read_text()) if (record := run_dir / "record.json").exists()
+                         else None})
     return runs
 
 
@@ -79,17 +95,20 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)})"
 
 
-def aggregate(runs: list[dict], keys: list[str]) -> list[dict]:
-    """One row per configuration (the varied keys' values), seeds pooled."""
+def aggregate(runs: list[dict], keys: list[str], on_test: bool = False) -> list[dict]:
+    """One row per configuration (the varied keys' values), seeds pooled; ``on_test``: test-set errors."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(tuple(str(run["config"].get(k, "-")) for k in keys), []).append(run)
     rows = []
     for values, members in groups.items():
         m = [r["metrics"] for r in members]
+        errors = [reported(x, on_test) for x in m]
+        records = [r["record"] for r in members if r["record"]]
         rows.append({
             **dict(zip(keys, values)),
-            **{k: [x[k] for x in m] for k in METRICS},
+            **{k: [e[k] for e in errors] for k in METRICS},
+            "records": records, "dirs": [r["dir"] for r in members],
             "params": m[0].get("params"), "macs": m[0].get("macs"),
             "train_images_per_s": statistics.mean(x.get("train_images_per_s", 0.0) for x in m),
             "runs": len(members), "paper": members[0].get("paper"),
@@ -150,14 +169,29 @@ def welch_half_width(a: list[float], b: list[float]) -> float:
     return float(t.ppf(0.975, dof)) * math.sqrt(va + vb)
 
 
-def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict | None = None) -> str:
+def record_cells(row: dict) -> list[str]:
+    """Command, hardware, wall time (mean over seeds) and record folder of a row's committed records."""
+    records = row["records"]
+    if not records:
+        return ["-"] * 4
+    walls = [r["wall_s"] for r in records]
+    return [f"`{records[0]['command']}`", records[0]["hardware"],
+            wall_time(statistics.mean(walls)) + (f" (mean of {len(walls)})" if len(walls) > 1 else ""),
+            ", ".join(str(d) for d in row["dirs"])]
+
+
+def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict | None = None,
+             on_test: bool = False) -> str:
     """The table (and the runs that did not complete) as markdown; a Δ column with several seeds and a ``base``."""
     with_paper = any(r.get("paper") is not None for r in rows)  # a recipe's runs: its published number beside ours
     with_delta = base is not None and any(r["runs"] > 1 for r in rows)
     with_auroc = any(r["auroc"] for r in rows)  # multi-label runs
-    head = [*keys, *(["paper top-1 err (%)"] if with_paper else []), "top-1 err (%)",
+    with_records = any(r["records"] for r in rows)  # committed run records: how each number was made
+    error = "test top-1 err (%, final epoch)" if on_test else "top-1 err (%)"
+    head = [*keys, *(["paper top-1 err (%)"] if with_paper else []), error,
             *(["Δ top-1 vs baseline ± 95% CI"] if with_delta else []), "top-5 err (%)",
-            *(["mean AUROC"] if with_auroc else []), "params", "GMACs", "train img/s"]
+            *(["mean AUROC"] if with_auroc else []), "params", "GMACs", "train img/s",
+            *(["command", "hardware", "wall time", "record"] if with_records else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         paper = ([f"{r['paper']:.2f}" if r.get("paper") is not None else "not in the paper"] if with_paper else [])
@@ -165,6 +199,8 @@ def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict |
         auroc = [(f"{statistics.mean(r['auroc']):.4f}" if r["auroc"] else "-")] if with_auroc else []
         cells = [r[k] for k in keys] + paper + [mean_std(r["top1_err"])] + delta + [mean_std(r["top5_err"])] + auroc
         cells += [f"{r['params']:,}", f"{r['macs'] / 1e9:.3f}", f"{r['train_images_per_s']:.0f}"]
+        if with_records:
+            cells += record_cells(r)
         lines.append("| " + " | ".join(cells) + " |")
     if failed:
         lines += ["", "Runs that did not complete (not in the table):", ""]
@@ -172,19 +208,20 @@ def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict |
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], keys: list[str], path: Path) -> None:
-    """One CSV row per configuration, with mean and std columns."""
+def write_csv(rows: list[dict], keys: list[str], path: Path, on_test: bool = False) -> None:
+    """One CSV row per configuration, with mean and std columns; ``errors_of`` says test or val set."""
+    errors_of = "test" if on_test else "val"
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow([*keys, "paper_top1_err", "top1_err_mean", "top1_err_std", "top5_err_mean", "top5_err_std",
-                      "auroc_mean", "runs", "params", "macs", "train_images_per_s"])
+                      "auroc_mean", "runs", "params", "macs", "train_images_per_s", "errors_of"])
         for r in rows:
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             out.writerow([*(r[k] for k in keys), "" if r.get("paper") is None else r["paper"],
                           statistics.mean(r["top1_err"]), sd(r["top1_err"]),
                           statistics.mean(r["top5_err"]), sd(r["top5_err"]),
                           statistics.mean(r["auroc"]) if r["auroc"] else "", r["runs"], r["params"], r["macs"],
-                          r["train_images_per_s"]])
+                          r["train_images_per_s"], errors_of])
 
 
 def numeric_key(rows: list[dict], keys: list[str]) -> str | None:
@@ -255,6 +292,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--x", choices=["params", "macs"], default="params", help="the plot's x-axis")
+    parser.add_argument("--out", type=Path, help="where the CSV and the PNG go (default: the first DIR)")
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.is_dir()]
     if missing:
@@ -267,12 +305,14 @@ def main(argv: list[str]) -> int:
     done = [r for r in runs if r["metrics"].get("status") == "completed"]
     failed = [r for r in runs if r["metrics"].get("status") != "completed"]
     keys = varied_keys(done or runs)
-    rows = aggregate(done, keys)
+    on_test = bool(done) and all("test_top1_err" in r["metrics"] for r in done)
+    rows = aggregate(done, keys, on_test)
     base = baseline_row(rows, keys, done)
-    print(markdown(rows, keys, failed, base))
+    print(markdown(rows, keys, failed, base, on_test))
     if rows:
-        out = args.dirs[0]
-        write_csv(rows, keys, out / "ablation.csv")
+        out = args.out or args.dirs[0]
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, keys, out / "ablation.csv", on_test)
         plot(rows, keys, args.x, out / "ablation.png", base)
         print(f"\nwrote {out / 'ablation.csv'} and {out / 'ablation.png'}")
     return 0

@@ -8,7 +8,7 @@ from torch import nn
 
 from engine.complexity import count_macs, count_params
 from models import build_model
-from tests.helpers import compose_config, meta_device, read_metrics, run_cli, run_script
+from tests.helpers import QUICK, compose_config, meta_device, read_metrics, run_cli, run_script
 
 
 def test_complexity_prints_the_built_models_counts_as_json():
@@ -315,3 +315,48 @@ def test_the_gpu_benchmark_runs_every_measurement_at_toy_sizes_on_the_cpu(tmp_pa
                       in_process=False)
     assert only.returncode == 0 and list(json.loads((tmp_path / "again" / "benchmark_gpu.json").read_text())
                                          ["results"]) == ["input_pil"]
+
+
+def test_ablation_table_reports_the_test_error_of_val_split_runs_with_their_records(tmp_path):
+    """Runs trained with data.val_split: the table shows test_top1_err (not the hold-out's), and a committed
+    record's command, hardware and wall time."""
+    for name, attention, val_err, test_err, wall in (("plain", "none", 9.5, 8.9, 2_460), ("se", "se", 9.1, 8.4, 3_000)):
+        run = fake_run(tmp_path, name, {"attention": {"name": attention}, "seed": 0},
+                       {**DONE, "top1_err": val_err, "test_top1_err": test_err, "test_top5_err": 0.5})
+        (run / "record.json").write_text(json.dumps({"command": f"python train.py attention={attention}",
+                                                     "hardware": "2 cores of X, no GPU", "wall_s": wall}))
+    proc = run_script("ablation_table.py", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("| attention.name | test top-1 err (%, final epoch) | top-5 err (%) |")
+    assert lines[0].rstrip().endswith("| command | hardware | wall time | record |")
+    assert lines[2].startswith("| none | 8.90 | 0.50 |") and "| `python train.py attention=none` | 2 cores of X, no GPU | 41 min |" in lines[2]
+    assert lines[3].startswith("| se | 8.40 | 0.50 |") and "| 50 min |" in lines[3]
+    assert "9.50" not in proc.stdout and "9.10" not in proc.stdout
+    assert (tmp_path / "out" / "ablation.csv").read_text().splitlines()[1].endswith(",test")
+
+
+def test_run_record_writes_a_record_and_its_first_epochs_reproduce(tmp_path):
+    """write copies config and history and names the command; check re-runs two epochs and finds them equal,
+    and a record whose loss was changed is reported as different."""
+    # a step schedule: its first epochs' lr does not depend on trainer.epochs (cosine's would)
+    overrides = [*QUICK, "sched=step", "sched.decay_epochs=[2]", "trainer.epochs=3", "trainer.deterministic=true",
+                 "data.num_workers=0"]
+    ran = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert ran.returncode == 0, ran.stderr
+    record = tmp_path / "record"
+    proc = run_script("run_record.py", "write", str(tmp_path / "run"), str(record), "--wall-s", "12.4",
+                      "--commit", "abc1234", "--", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads((record / "record.json").read_text())
+    assert written["command"].startswith("python train.py data.max_train_samples=256") and written["wall_s"] == 12
+    assert written["commit"] == "abc1234" and written["epochs"] == 3 and "no GPU" in written["hardware"]
+    assert len(json.loads((record / "metrics.json").read_text())["history"]) == 3
+    proc = run_script("run_record.py", "check", str(record))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "epoch 2 train_loss" in proc.stdout and "epoch 2 lr" in proc.stdout and "reproduced" in proc.stdout
+    metrics = json.loads((record / "metrics.json").read_text())
+    metrics["history"][1]["train_loss"] += 1e-3
+    (record / "metrics.json").write_text(json.dumps(metrics))
+    proc = run_script("run_record.py", "check", str(record))
+    assert proc.returncode == 1 and "epoch 2 train_loss" in proc.stdout and "DIFFERENT" in proc.stdout

@@ -190,8 +190,11 @@ def build_eval_loader(cfg: DictConfig, dataset: Dataset, like: Iterable, rank: i
     order, device = ShardSampler(len(dataset), rank, world_size), torch.device(device)
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
     if isinstance(like, ResidentLoader):
-        images = load_resident(dataset, device, loader_workers(cfg.num_workers), memory_budget(device))
-        return ResidentLoader(images, order, eval_batch, cfg.mean, cfg.std)
+        try:
+            images = load_resident(dataset, device, loader_workers(cfg.num_workers), memory_budget(device))
+            return ResidentLoader(images, order, eval_batch, cfg.mean, cfg.std)
+        except NotResident as e:  # the train and val splits fit, this one not: it is read once, per image
+            log.info("data: the test set per image in worker processes (%s)", e)
     if isinstance(like, DeviceDecodeLoader):
         files = EncodedFiles(file_samples(dataset))
         loader = DataLoader(SkipUnreadable(files) if cfg.skip_corrupt else files, eval_batch, sampler=order,

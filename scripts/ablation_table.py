@@ -189,7 +189,7 @@ def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict |
     with_records = any(r["records"] for r in rows)  # committed run records: how each number was made
     error = "test top-1 err (%, final epoch)" if on_test else "top-1 err (%)"
     head = [*keys, *(["paper top-1 err (%)"] if with_paper else []), error,
-            *(["Δ top-1 vs baseline ± 95% CI"] if with_delta else []), "top-5 err (%)",
+            *(["Δ top-1 vs baseline ± 95% CI"] if with_delta else []), "test top-5 err (%)" if on_test else "top-5 err (%)",
             *(["mean AUROC"] if with_auroc else []), "params", "GMACs", "train img/s",
             *(["command", "hardware", "wall time", "record"] if with_records else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

@@ -1,7 +1,7 @@
 """Commit-sized records of finished runs (docs/runs/), and the check that a record's first epochs reproduce.
 
 Usage:
-  python scripts/run_record.py write RUN_DIR OUT_DIR --wall-s SECONDS [--commit SHA] -- OVERRIDE ...
+  python scripts/run_record.py write RUN_DIR OUT_DIR --wall-s SECONDS [--commit SHA] [--note TEXT] -- OVERRIDE ...
       copies RUN_DIR's config.yaml and metrics.json (the per-epoch history) to OUT_DIR and writes record.json:
       the command (train.py and OVERRIDEs, as run), the commit, the hardware and the wall time.
   python scripts/run_record.py check OUT_DIR [--epochs 2]
@@ -48,7 +48,7 @@ def git_commit() -> str:
                           check=True).stdout.strip()
 
 
-def write(run_dir: Path, out: Path, wall_s: float, commit: str | None, overrides: list[str]) -> None:
+def write(run_dir: Path, out: Path, wall_s: float, commit: str | None, overrides: list[str], note: str = "") -> None:
     """Copy the run's config and metrics and describe how they were made."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if metrics.get("status") != "completed":
@@ -60,7 +60,7 @@ def write(run_dir: Path, out: Path, wall_s: float, commit: str | None, overrides
         shutil.copyfile(run_dir / name, out / name)
     record = {"command": " ".join(["python train.py", *overrides]), "overrides": overrides,
               "commit": commit or git_commit(), "hardware": hardware(), "torch": torch.__version__,
-              "wall_s": round(wall_s), "epochs": metrics["epoch"]}
+              "wall_s": round(wall_s), "epochs": metrics["epoch"], **({"note": note} if note else {})}
     (out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}: {record['command']}")
 
@@ -96,13 +96,14 @@ def main(argv: list[str]) -> int:
     w.add_argument("out", type=Path)
     w.add_argument("--wall-s", type=float, required=True, help="the command's wall time in seconds")
     w.add_argument("--commit", help="the commit that ran (default: HEAD)")
+    w.add_argument("--note", default="", help="what a reader of the record should know (e.g. what ran beside it)")
     c = sub.add_parser("check", help="re-run a record's first epochs and compare")
     c.add_argument("out", type=Path)
     c.add_argument("--epochs", type=int, default=2)
     split = argv.index("--") if "--" in argv else len(argv)  # train.py's overrides, as run, follow "--"
     args = parser.parse_args(argv[:split])
     if args.action == "write":
-        write(args.run_dir, args.out, args.wall_s, args.commit, argv[split + 1:])
+        write(args.run_dir, args.out, args.wall_s, args.commit, argv[split + 1:], args.note)
         return 0
     return check(args.out, args.epochs)
 

@@ -328,7 +328,7 @@ def test_ablation_table_reports_the_test_error_of_val_split_runs_with_their_reco
     proc = run_script("ablation_table.py", str(tmp_path), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("| attention.name | test top-1 err (%, final epoch) | top-5 err (%) |")
+    assert lines[0].startswith("| attention.name | test top-1 err (%, final epoch) | test top-5 err (%) |")
     assert lines[0].rstrip().endswith("| command | hardware | wall time | record |")
     assert lines[2].startswith("| none | 8.90 | 0.50 |") and "| `python train.py attention=none` | 2 cores of X, no GPU | 41 min |" in lines[2]
     assert lines[3].startswith("| se | 8.40 | 0.50 |") and "| 50 min |" in lines[3]

@@ -89,3 +89,21 @@ def test_test_error_is_the_final_weights_on_the_official_split(quick_config, tmp
             total += len(y)
     assert metrics["test_images"] == total == len(DigitsDataset(False))
     assert metrics["test_top1_err"] == pytest.approx(100 * wrong / total, abs=1e-6)
+
+
+def test_a_test_set_over_the_memory_budget_is_read_per_image_with_the_same_batches(monkeypatch):
+    """The train and val splits in memory, the test set not (its budget is spent): the PIL loader gives the
+    same normalised images and targets as the resident one."""
+    import data
+
+    cfg = compose_config("data.val_split=60", "data.num_workers=0").data
+    train_set, val_set = build_datasets(cfg)
+    _, val_loader = data.build_loaders(cfg, train_set, val_set)
+    assert isinstance(val_loader, data.ResidentLoader)
+    test_set = build_test_set(cfg)
+    resident = data.build_eval_loader(cfg, test_set, val_loader)
+    monkeypatch.setattr(data, "memory_budget", lambda device: 0)
+    per_image = data.build_eval_loader(cfg, test_set, val_loader)
+    assert isinstance(resident, data.ResidentLoader) and isinstance(per_image, DataLoader)
+    for (x, y), (x2, y2) in zip(resident, per_image, strict=True):
+        assert torch.equal(y, y2) and torch.allclose(x, x2, atol=1e-6)

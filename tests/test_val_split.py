@@ -65,11 +65,6 @@ def test_val_split_with_multi_label_data_is_refused():
         check_config(cfg)
 
 
-def test_negative_val_split_is_refused():
-    with pytest.raises(ConfigError, match="data.val_split=-1"):
-        check_config(compose_config("data.val_split=-1"))
-
-
 @pytest.mark.parametrize("in_memory", ["true", "false"])
 def test_test_error_is_the_final_weights_on_the_official_split(quick_config, tmp_path, in_memory):
     """metrics.json's test_* are last.pt's weights on the digits val split, recomputed here by a plain loop;

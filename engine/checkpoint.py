@@ -95,6 +95,8 @@ class TrainState:
     # resume derives it from epoch and partial (``engine.run._train_epoch``)
     partial: dict[str, Any] = field(default_factory=lambda: {"batches": 0})  # progress into the next epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    config_changes: list[dict[str, Any]] = field(default_factory=list)  # keys a resume changed (engine.resume)
+    world_size: int = 1  # the processes that trained: a resume on another count is no longer bit-exact
 
     @property
     def best(self) -> dict[str, Any]:
@@ -112,6 +114,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "partial": in_progress,
             "history": self.history, "best": self.best, "rng": rng_state(), "config": config,
+            "config_changes": self.config_changes, "world_size": self.world_size,
         }
 
     def restore(self, saved: dict[str, Any], path: Path | str, weights_only: bool = False) -> None:
@@ -128,5 +131,6 @@ class TrainState:
         self.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
         self.history = list(saved["history"])
+        self.config_changes = list(saved.get("config_changes", []))
         if saved.get("partial"):
             self.partial = {k: v for k, v in saved["partial"].items() if k != "epoch"}

@@ -124,6 +124,9 @@ class TrainerConfig:
     dist_timeout_s: float = 600  # a collective waits this long for a silent rank, then every rank stops
     on_nonfinite: str = "stop"  # a NaN/inf loss on any rank: stop every rank, or skip that update on every rank
     progress: bool = True
+    # stop this process after N epochs, as an interrupt would (a checkpoint, status "stopped"); the same
+    # command without it resumes: scripts/run_record.py check replays a schedule's first epochs this way
+    stop_after_epochs: Optional[int] = None
 
 
 @dataclass
@@ -249,6 +252,7 @@ RULES: dict[str, Rule] = {
     "trainer.checkpoint_every_steps": optional(POSITIVE_INT),
     "trainer.dist_timeout_s": POSITIVE,
     "trainer.on_nonfinite": one_of(NONFINITE_ACTIONS),
+    "trainer.stop_after_epochs": optional(POSITIVE_INT),
 }
 
 # Keys of some backbones and blocks, checked wherever a model config or an attention spec has them.

@@ -40,9 +40,12 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
 
 def mark_failed(run_dir: str | Path, error: BaseException, status: str = "failed") -> None:
-    """Set ``status`` and the error's first line in the run's metrics.json, keeping what it held."""
+    """Set ``status`` and the error's first line in the run's metrics.json, keeping what it held; a completed
+    run's record is left as it is."""
     path = Path(run_dir) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
+    if metrics.get("status") == "completed":  # a later command's error is not this finished run's
+        return
     metrics.update(status=status, error=f"{type(error).__name__}: {error}".strip().splitlines()[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, metrics)

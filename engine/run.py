@@ -1,5 +1,6 @@
 """``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
 import functools
+import json
 import logging
 import random
 import time
@@ -27,6 +28,7 @@ from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
 from engine.losses import MixTokenLoss
 from engine.metrics import launcher_rank, mark_failed, process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
+from engine.resume import ConfigChange, ResumeRefused, compare_configs, log_changes
 from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, Precision, StepOptions, build_precision, evaluate, train_one_epoch
 from models import Backbone, build_model
@@ -87,7 +89,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     try:
         check_config(cfg)
-        return _train(cfg, run_dir)
+        resumed = _load_resumed(cfg, run_dir)  # refuses a changed config before anything is built
+        finished = _finished_metrics(cfg, run_dir, resumed)
+        if finished is not None:
+            return finished
+        return _train(cfg, run_dir, resumed)
+    except ResumeRefused:
+        raise  # the run directory stays as it was: refusing a resume is not the run failing
     except BaseException as e:
         lost = as_rank_lost(e, cfg.trainer.dist_timeout_s)  # a collective failed: name it plainly
         if launcher_rank() == 0:
@@ -105,6 +113,49 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 # Errors every rank raises after the same step, having agreed on them through a collective.
 AGREED_STOPS = (RunInterrupted, NonFiniteLossError, ReplicasDivergedError)
+
+
+@dataclass
+class Resumed:
+    """The checkpoint a run resumes from, where it came from, and the config keys the resume changes."""
+
+    path: Path
+    saved: dict[str, Any]
+    changes: list[ConfigChange]
+
+
+def _load_resumed(cfg: DictConfig, run_dir: Path) -> Resumed | None:
+    """``trainer.resume``'s checkpoint, else this run directory's own last one, checked against ``cfg``.
+
+    Training resumes only with the config it was trained with (``engine.resume``); ``eval_only`` reads the
+    weights alone, so its config is not compared.
+    """
+    tcfg = cfg.trainer
+    last = run_dir / "checkpoints" / "last.pt"
+    path = Path(tcfg.resume) if tcfg.resume else (last if last.exists() else None)
+    if path is None:
+        return None
+    saved = load_checkpoint(path)
+    changes = []
+    if not tcfg.eval_only and saved.get("config") is not None:
+        # AG-CNN's phases are fractions of trainer.epochs (model.stage_fractions): their lengths follow it
+        changes = compare_configs(saved["config"], _config(cfg), saved["epoch"],
+                                  trained_in_phases="stage_fractions" in cfg.model, source=str(path))
+    return Resumed(path, saved, changes)
+
+
+def _finished_metrics(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> dict[str, Any] | None:
+    """A completed run's metrics when this command is that run's again: nothing to train, nothing to write."""
+    metrics_path = run_dir / "metrics.json"
+    if resumed is None or cfg.trainer.resume or cfg.trainer.eval_only or not metrics_path.exists():
+        return None
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("status") != "completed" or resumed.saved["epoch"] < cfg.trainer.epochs:
+        return None
+    test = f", test top-1 error {metrics['test_top1_err']:.2f}%" if "test_top1_err" in metrics else ""
+    log.info("already complete: top-1 error %.2f%% after %d epochs%s; %s is left as it is", metrics["top1_err"],
+             metrics["epoch"], test, run_dir)
+    return metrics
 
 
 @dataclass
@@ -137,9 +188,9 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> dict[str, Any]:
     """The body of ``train``: build, then fit (or evaluate only)."""
-    run, state = _build(cfg, run_dir)
+    run, state = _build(cfg, run_dir, resumed)
     try:
         if cfg.trainer.eval_only:
             return _evaluate_only(run, state)
@@ -149,7 +200,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             run.writer.close()
 
 
-def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
+def _build(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run, TrainState]:
     """Devices and processes, the model (checked first), data, loss, optimiser, schedule, EMA; resumed."""
     tcfg = cfg.trainer
     device = select_device(tcfg.device)
@@ -161,7 +212,7 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     seed_everything(cfg.seed, tcfg.deterministic)  # the same initial weights on every rank
     # Model first: a bad model or attention spec fails in seconds, before any process group starts
     # or any data is read.
-    resuming = bool(tcfg.resume) or (run_dir / "checkpoints" / "last.pt").exists()
+    resuming = resumed is not None
     model, summary = _build_checked_model(cfg, weights_follow=resuming or bool(tcfg.init_from))
     check_sync_bn(tcfg.sync_bn, device)
     check_in_memory(cfg.data)
@@ -170,7 +221,8 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
         seed_everything(cfg.seed + rank, tcfg.deterministic)  # each rank its own augmentation stream
     # Hydra computes ${now:...} in every process: all ranks write to rank 0's directory
     run_dir = Path(broadcast_object(str(run_dir)))
-    if rank == 0:
+    continuing_here = resumed is not None and resumed.path == run_dir / "checkpoints" / "last.pt"
+    if rank == 0 and not continuing_here:  # config.yaml keeps what the run started with
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
@@ -194,12 +246,18 @@ def _build(cfg: DictConfig, run_dir: Path) -> tuple[Run, TrainState]:
     run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, step_options,
               train_model, eval_model, len(train_loader), test_loader)
     state = _build_state(cfg, model, precision, world_size, run.steps_per_epoch)
-    _resume(run, state)
+    _resume(run, state, resumed)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.main else None
     run.metrics = {"status": "running", "epoch": state.epoch if not tcfg.eval_only else 0,
                    "epochs": tcfg.epochs, **summary}
     if state.history:
-        run.metrics.update(state.history[-1])
+        best = state.best
+        run.metrics.update(state.history[-1], best_top1_err=best["top1_err"], best_epoch=best["epoch"],
+                           history=state.history)
+    if state.config_changes:
+        run.metrics["config_changes"] = state.config_changes
+        if run.main:
+            write_json(run_dir / "config_changes.json", {"changes": state.config_changes})
     if run.main:
         write_json(run_dir / "metrics.json", run.metrics)  # "running" from the start, for anyone watching
     return run, state
@@ -230,17 +288,23 @@ def _build_state(cfg: DictConfig, model: Backbone, precision: Precision, world_s
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.trainer.epochs, steps_per_epoch,
                                 model.phase_epochs(cfg.trainer.epochs))
     ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema else None
-    return TrainState(model, optimizer, scheduler, precision.scaler, ema)
+    return TrainState(model, optimizer, scheduler, precision.scaler, ema, world_size=world_size)
 
 
-def _resume(run: Run, state: TrainState) -> None:
-    """Restore an explicit ``trainer.resume`` checkpoint, else this run directory's own last one."""
-    tcfg = run.cfg.trainer
-    last = run.checkpoints / "last.pt"
-    path = tcfg.resume or (last if last.exists() else None)
-    if not path:
+def _resume(run: Run, state: TrainState, resumed: Resumed | None) -> None:
+    """Restore the checkpoint ``_load_resumed`` found, and record the config keys this resume changes."""
+    if resumed is None:
         return
-    state.restore(load_checkpoint(path), path, weights_only=tcfg.eval_only)
+    path, tcfg = resumed.path, run.cfg.trainer
+    state.restore(resumed.saved, path, weights_only=tcfg.eval_only)
+    if tcfg.eval_only:
+        return
+    changes = list(resumed.changes)
+    saved_world = resumed.saved.get("world_size", run.world_size)  # older checkpoints did not record it
+    if saved_world != run.world_size:
+        changes.append(ConfigChange("world_size", saved_world, run.world_size, "not_bit_exact"))
+    log_changes(changes, str(path))
+    state.config_changes += [change.as_record(state.epoch) for change in changes]
     batches = state.partial["batches"]
     log.info("resumed from %s (epoch %d%s)", path, state.epoch,
              f", then {batches} steps of epoch {state.epoch + 1}" if batches else "")
@@ -263,6 +327,7 @@ def _evaluate_only(run: Run, state: TrainState) -> dict[str, Any]:
 def fit(run: Run, state: TrainState) -> dict[str, Any]:
     """Train from ``state`` to ``trainer.epochs``, evaluating and checkpointing after every epoch."""
     epochs = run.cfg.trainer.epochs
+    last_epoch = min(epochs, run.cfg.trainer.stop_after_epochs or epochs)
     if state.epoch >= epochs:
         log.info("run already finished %d epochs; nothing to do", epochs)
     if state.scheduler is not None:  # the lr of the next step
@@ -270,10 +335,15 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
     run.metrics["startup_s"] = round(process_age_s(), 2)  # the command to the first step: imports, data, model
     log.info("ready to train %.1f s after the command started", run.metrics["startup_s"])
     with StopSignals() as signals:
-        for epoch in range(state.epoch + 1, epochs + 1):
+        for epoch in range(state.epoch + 1, last_epoch + 1):
             start = time.perf_counter()
             stats = _train_epoch(run, state, epoch, signals)
             _end_epoch(run, state, epoch, stats, start)
+    if last_epoch < epochs:  # trainer.stop_after_epochs: the checkpoint of this epoch resumes the rest
+        log.info("stopped after epoch %d of %d (trainer.stop_after_epochs); the same command without it resumes",
+                 state.epoch, epochs)
+        run.metrics["status"] = "stopped"
+        return _finish(run.metrics, run.run_dir, run.main, run.writer, run.cfg)
     _evaluate_test(run, state)
     run.metrics["status"] = "completed"
     return _finish(run.metrics, run.run_dir, run.main, run.writer, run.cfg)

@@ -131,7 +131,7 @@ def test_explicit_resume_path_and_eval_only(quick_config, tmp_path):
     result = train(quick_config("trainer.eval_only=true", f"trainer.resume={best}"), tmp_path / "eval")
     assert result["status"] == "completed" and result["top1_err"] == pytest.approx(trained["top1_err"])
     assert not (tmp_path / "eval" / "checkpoints").exists()
-    more = train(quick_config("trainer.epochs=2", f"trainer.resume={best}"), tmp_path / "b")
+    more = train(quick_config("trainer.epochs=2", f"trainer.resume={best}", "sched=step"), tmp_path / "b")
     assert more["epoch"] == 2 and len(load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["history"]) == 2
 
 

@@ -97,6 +97,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
     config_changes: list[dict[str, Any]] = field(default_factory=list)  # keys a resume changed (engine.resume)
     world_size: int = 1  # the processes that trained: a resume on another count is no longer bit-exact
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)  # {split: count, classes, hash}: the data trained on
 
     @property
     def best(self) -> dict[str, Any]:
@@ -115,6 +116,7 @@ class TrainState:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "partial": in_progress,
             "history": self.history, "best": self.best, "rng": rng_state(), "config": config,
             "config_changes": self.config_changes, "world_size": self.world_size,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def restore(self, saved: dict[str, Any], path: Path | str, weights_only: bool = False) -> None:

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import (build_datasets, build_eval_loader, build_loaders, build_test_set, check_in_memory,
                   set_train_epoch)
+from data.fingerprint import fingerprint_mismatch, split_fingerprint
 from engine.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
 from engine.complexity import count_macs, count_params
 from engine.config import DEVICES, check_config
@@ -226,6 +227,8 @@ def _build(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     train_set, val_set = build_datasets(cfg.data, seed=cfg.seed)
+    fingerprint = {"train": split_fingerprint(train_set), "val": split_fingerprint(val_set)}
+    _check_resumed_data(resumed, fingerprint, tcfg.eval_only)
     criterion, mixup = _build_criterion(cfg.data)
     if cfg.model.get("mix_token"):  # VOLO's MixToken forward returns class and token logits in training
         criterion = MixTokenLoss(criterion, cfg.data.num_classes, 0.0 if mixup else cfg.data.label_smoothing)
@@ -246,6 +249,7 @@ def _build(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run
     run = Run(cfg, run_dir, precision, rank, world_size, train_loader, val_loader, step_options,
               train_model, eval_model, len(train_loader), test_loader)
     state = _build_state(cfg, model, precision, world_size, run.steps_per_epoch)
+    state.data_fingerprint = fingerprint
     _resume(run, state, resumed)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.main else None
     run.metrics = {"status": "running", "epoch": state.epoch if not tcfg.eval_only else 0,
@@ -289,6 +293,16 @@ def _build_state(cfg: DictConfig, model: Backbone, precision: Precision, world_s
                                 model.phase_epochs(cfg.trainer.epochs))
     ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema else None
     return TrainState(model, optimizer, scheduler, precision.scaler, ema, world_size=world_size)
+
+
+def _check_resumed_data(resumed: Resumed | None, fingerprint: dict[str, Any], eval_only: bool) -> None:
+    """Refuse a resume on other files than the run started on: the per-sample order and the exact-resume
+    promise depend on them (checkpoints older than the fingerprint are not checked)."""
+    saved = resumed.saved.get("data_fingerprint") if resumed is not None and not eval_only else None
+    mismatch = fingerprint_mismatch(saved, fingerprint) if saved else None
+    if mismatch:
+        raise ResumeRefused(f"resuming from {resumed.path}: {mismatch}; resume on the run's own data, or start a "
+                            "new run (another hydra.run.dir) from its weights with trainer.init_from=PATH/TO/last.pt")
 
 
 def _resume(run: Run, state: TrainState, resumed: Resumed | None) -> None:

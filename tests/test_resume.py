@@ -4,6 +4,7 @@ else refused with the run directory left byte-for-byte)."""
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from engine.checkpoint import load_checkpoint
 from engine.metrics import mark_failed
 from engine.resume import ResumeRefused, compare_configs
 from engine.run import train
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import compose_config, make_image_folder, read_metrics, run_cli
 
 
 def tree_digest(run_dir: Path) -> dict[str, str]:
@@ -148,3 +149,21 @@ def test_a_finished_runs_record_is_never_marked_failed(tmp_path):
     before = (tmp_path / "metrics.json").read_bytes()
     mark_failed(tmp_path, ValueError("a later command's bad value"))
     assert (tmp_path / "metrics.json").read_bytes() == before
+
+
+def test_a_resume_on_other_files_is_refused_and_a_moved_copy_is_not(tmp_path):
+    """data.root is free to change (a copy moved), but not the files it holds: the checkpoint's fingerprint
+    of each split (count, classes, a hash of the file list) must match."""
+    root = make_image_folder(tmp_path / "pets", per_class=4)
+    data = ("data=imagefolder", "data.num_classes=2", "data.image_size=32", "data.num_workers=0", "trainer.epochs=2",
+            "data.batch_size=4", "trainer.progress=false", "model=resnet20", "data.stem=cifar")
+    run_dir = tmp_path / "run"
+    train(compose_config(*data, f"data.root={root}", "trainer.stop_after_epochs=1"), run_dir)
+    moved = Path(shutil.copytree(root, tmp_path / "moved"))
+    (moved / "train" / "cat" / "0.png").rename(moved / "train" / "cat" / "renamed.png")
+    before = tree_digest(run_dir)
+    with pytest.raises(ResumeRefused, match=r"the train split holds other images \(8 then, 8 now; file list hash"):
+        train(compose_config(*data, f"data.root={moved}"), run_dir)
+    assert tree_digest(run_dir) == before
+    (moved / "train" / "cat" / "renamed.png").rename(moved / "train" / "cat" / "0.png")
+    assert train(compose_config(*data, f"data.root={moved}"), run_dir)["status"] == "completed"

@@ -24,8 +24,12 @@ class RankLostError(RuntimeError):
     """A collective failed: another rank died, or hung for longer than the process group's timeout."""
 
 
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory (``engine.lock``); the message names it."""
+
+
 # Reported by train.py in one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RankLostError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RankLostError, RunDirBusy)
 
 
 def config_message(path: str, message: str) -> str:

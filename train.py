@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
             mark_failed(run_dir, e)  # a sweep lists this job as failed
         return report_user_error(e, hydra_cfg.mode)
     from engine.interrupt import RunInterrupted
-    from engine.run import train
+    from engine.run import result_line, train
 
     try:
         metrics = train(cfg, run_dir)  # marks the run failed itself on any error
@@ -46,8 +46,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)  # non-zero: torchrun --max-restarts and SLURM requeue treat the run as unfinished
     except USER_ERRORS as e:
         return report_user_error(e, hydra_cfg.mode)
-    log.info("top-1 error %.2f%% (best %.2f%%) after %d epochs", metrics["top1_err"],
-             metrics["best_top1_err"], metrics["epoch"])
+    log.info("%s", result_line(metrics))
     log.info("outputs: %s | TensorBoard: tensorboard --logdir %s/tensorboard", run_dir, run_dir)
 
 

@@ -98,7 +98,9 @@ def build_datasets(cfg: DictConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     With ``data.val_split=N`` the val set is N class-balanced images held out of the train split (with
     the eval transform), and the data set's own val split is the test set (``build_test_set``).
     """
-    train_set, val_set = build_dataset(cfg, True), build_dataset(cfg, False)
+    selecting = cfg.val_split and cfg.protocol == "selection"
+    train_set = build_dataset(cfg, True)
+    val_set = train_set if selecting else build_dataset(cfg, False)  # selection never opens the test split
     _check_classes(cfg, train_set, val_set)
     if cfg.val_split:
         train_set, val_set = hold_out(cfg, train_set)
@@ -131,8 +133,9 @@ def hold_out(cfg: DictConfig, train_set: Dataset) -> tuple[Subset, Subset]:
 
 def build_test_set(cfg: DictConfig) -> Dataset | None:
     """With ``data.val_split``, the data set's own val split (e.g. CIFAR's official test set), evaluated
-    once at the end of training and never used to choose; without, None (the val split is then the test)."""
-    if not cfg.val_split:
+    once at the end of training and never used to choose; without, None (the val split is then the test,
+    which ``data.protocol=final`` evaluates once at the end). ``data.protocol=selection`` never loads it."""
+    if not cfg.val_split or cfg.protocol == "selection":
         return None
     test_set = build_dataset(cfg, False)
     return SkipCorrupt(test_set) if cfg.skip_corrupt else test_set

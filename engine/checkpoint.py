@@ -101,10 +101,12 @@ class TrainState:
 
     @property
     def best(self) -> dict[str, Any]:
-        """The finished epoch with the lowest top-1 error (the first of equals)."""
-        if not self.history:
+        """The evaluated epoch with the lowest top-1 error (the first of equals); ``data.protocol=final``
+        evaluates none before the end."""
+        evaluated = [h for h in self.history if "top1_err" in h]
+        if not evaluated:
             return {"top1_err": float("inf"), "epoch": 0}
-        record = min(self.history, key=lambda h: h["top1_err"])
+        record = min(evaluated, key=lambda h: h["top1_err"])
         return {"top1_err": record["top1_err"], "epoch": record["epoch"]}
 
     def checkpoint(self, config: dict[str, Any], in_progress: dict[str, Any] | None = None) -> dict[str, Any]:

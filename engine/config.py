@@ -24,11 +24,12 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 IN_MEMORY_CHOICES = ("auto", "true", "false")
 DECODE_CHOICES = ("cpu", "gpu", "auto")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "exponential", "none")
+SCHEDULES = ("cosine", "linear", "step", "exponential", "none")
 ERASING_MODES = ("pixel", "rand", "const")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE_ACTIONS = ("stop", "skip")
+PROTOCOLS = ("standard", "selection", "final")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class DataConfig:
     # hold out N class-balanced train images as the val set (best.pt, every choice); the data set's own
     # val split is then the test set, evaluated once with the final weights (e.g. CIFAR's 45k/5k split: 5000)
     val_split: int = 0
+    # how the splits are used: standard (val each epoch; with val_split the test set once at the end) |
+    # selection (train on the rest of val_split's hold-out, evaluate the hold-out each epoch, never load the
+    # test set) | final (train on every train image, no per-epoch evaluation and no best.pt; the data set's
+    # own val split is the test set, evaluated once with the final weights)
+    protocol: str = "standard"
     # timm augmentation, all off by default
     randaugment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1
     reprob: float = 0.0  # random erasing probability
@@ -92,7 +98,7 @@ class OptimConfig:
 class SchedConfig:
     """Learning-rate schedule (timm's scheduler factory), stepped every iteration."""
 
-    name: str = "cosine"  # cosine | step | exponential (lr x decay_rate every epoch) | none
+    name: str = "cosine"  # cosine | linear (to min_lr) | step | exponential (lr x decay_rate every epoch) | none
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
@@ -220,6 +226,7 @@ RULES: dict[str, Rule] = {
     "data.max_train_samples": optional(POSITIVE_INT),
     "data.max_val_samples": optional(POSITIVE_INT),
     "data.val_split": NON_NEGATIVE_INT,
+    "data.protocol": one_of(PROTOCOLS),
     "data.randaugment": optional(Rule(lambda v: isinstance(v, str) and v.split("-")[0] == "rand",
                                       "timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1")),
     "data.reprob": PROBABILITY,
@@ -282,14 +289,21 @@ JOINT_RULES: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
     (("sched.warmup_epochs", "sched.cooldown_epochs", "trainer.epochs"),
      lambda warmup, cooldown, epochs: warmup + cooldown < epochs,
      "fewer warm-up plus cool-down epochs than trainer.epochs"),
-    (("sched.cooldown_epochs", "sched.name"), lambda cooldown, name: cooldown == 0 or name == "cosine",
-     "sched.cooldown_epochs with sched=cosine only (step schedules have no floor to hold)"),
+    (("sched.cooldown_epochs", "sched.name"), lambda cooldown, name: cooldown == 0 or name in ("cosine", "linear"),
+     "sched.cooldown_epochs with sched=cosine or linear only (step schedules have no floor to hold)"),
     (("trainer.eval_only", "trainer.resume"), lambda eval_only, resume: not eval_only or bool(resume),
      "trainer.eval_only=true with trainer.resume=PATH/TO/checkpoint.pt"),
     (("model.mix_token", "data.multi_label"), lambda mix_token, multi_label: not (mix_token and multi_label),
      "model.mix_token=true with single-label data (token labelling's loss is a softmax over classes)"),
     (("data.val_split", "data.multi_label"), lambda val_split, multi_label: not (val_split and multi_label),
      "data.val_split with single-label data (the hold-out is class-balanced); for multi-label data split the CSV"),
+    (("data.protocol", "data.val_split"), lambda protocol, val_split: protocol != "selection" or val_split > 0,
+     "data.protocol=selection with data.val_split=N, the hold-out to select on (CIFAR: 5000)"),
+    (("data.protocol", "data.val_split"), lambda protocol, val_split: protocol != "final" or val_split == 0,
+     "data.protocol=final with data.val_split=0: the final run trains on every train image"),
+    (("data.protocol", "trainer.attention_maps"), lambda protocol, maps: protocol != "final" or maps == 0,
+     "data.protocol=final with trainer.attention_maps=0 (the maps come from the per-epoch evaluation, which the "
+     "final run does not make on the test set)"),
     (("data.decode", "data.randaugment", "data.reprob", "data.color_jitter"),
      lambda decode, randaugment, reprob, jitter: decode != "gpu" or not (randaugment or reprob > 0 or jitter > 0),
      "data.decode=gpu without data.randaugment, data.reprob and data.color_jitter (they run on PIL images); "

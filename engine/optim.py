@@ -8,7 +8,8 @@ from torch import nn
 from engine.config import OPTIMIZERS, OptimConfig, SchedConfig
 from errors import ConfigError
 
-SCHEDULES = {"cosine": "cosine", "step": "multistep", "exponential": "step", "none": None}
+# Our names -> timm's: "linear" is timm's poly at power 1 (linear decay to min_lr)
+SCHEDULES = {"cosine": "cosine", "linear": "poly", "step": "multistep", "exponential": "step", "none": None}
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -78,7 +79,8 @@ def build_scheduler(
         optimizer, sched=SCHEDULES[cfg.name], num_epochs=epochs - cfg.cooldown_epochs,
         cooldown_epochs=cfg.cooldown_epochs, decay_milestones=list(cfg.decay_epochs),
         decay_epochs=1,  # timm's "step": x decay_rate every epoch (our "exponential")
-        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+        decay_rate=1.0 if cfg.name == "linear" else cfg.decay_rate,  # timm reads poly's power from decay_rate
+        min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
     )
     return scheduler

@@ -1,4 +1,5 @@
 """``train(cfg, run_dir)``: build everything from a composed config, train, evaluate, checkpoint."""
+import contextlib
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from engine.config import DEVICES, check_config
 from engine.distributed import (ReplicasDivergedError, all_gather_objects, all_reduce_sum, as_rank_lost, barrier,
                                 broadcast_object, check_replicas_agree, cleanup, init_distributed)
 from engine.interrupt import RunInterrupted, StepCheckpointer, StopSignals
+from engine.lock import RunLock
 from engine.losses import MixTokenLoss
 from engine.metrics import launcher_rank, mark_failed, process_age_s, write_json
 from engine.optim import build_optimizer, build_scheduler
@@ -33,7 +35,7 @@ from engine.resume import ConfigChange, ResumeRefused, compare_configs, log_chan
 from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, Precision, StepOptions, build_precision, evaluate, train_one_epoch
 from models import Backbone, build_model
-from errors import ConfigError
+from errors import ConfigError, RunDirBusy
 
 log = logging.getLogger("attnlab")
 
@@ -94,9 +96,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         finished = _finished_metrics(cfg, run_dir, resumed)
         if finished is not None:
             return finished
-        return _train(cfg, run_dir, resumed)
-    except ResumeRefused:
-        raise  # the run directory stays as it was: refusing a resume is not the run failing
+        with RunLock(run_dir) if launcher_rank() == 0 else contextlib.nullcontext():  # one run per directory
+            return _train(cfg, run_dir, resumed)
+    except (ResumeRefused, RunDirBusy):
+        raise  # the run directory stays as it was: refusing to start is not the run failing
     except BaseException as e:
         lost = as_rank_lost(e, cfg.trainer.dist_timeout_s)  # a collective failed: name it plainly
         if launcher_rank() == 0:
@@ -114,6 +117,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 # Errors every rank raises after the same step, having agreed on them through a collective.
 AGREED_STOPS = (RunInterrupted, NonFiniteLossError, ReplicasDivergedError)
+
+
+def result_line(metrics: dict[str, Any]) -> str:
+    """A run's result in words: the val error (and best) where it was evaluated each epoch, the test error."""
+    parts = []
+    if "top1_err" in metrics:
+        best = f" (best {metrics['best_top1_err']:.2f}%)" if "best_top1_err" in metrics else ""
+        parts.append(f"top-1 error {metrics['top1_err']:.2f}%{best}")
+    if "test_top1_err" in metrics:
+        parts.append(f"test top-1 error {metrics['test_top1_err']:.2f}% (final weights)")
+    return f"{', '.join(parts) or 'no evaluation'} after {metrics['epoch']} epochs"
 
 
 @dataclass
@@ -153,9 +167,7 @@ def _finished_metrics(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -
     metrics = json.loads(metrics_path.read_text())
     if metrics.get("status") != "completed" or resumed.saved["epoch"] < cfg.trainer.epochs:
         return None
-    test = f", test top-1 error {metrics['test_top1_err']:.2f}%" if "test_top1_err" in metrics else ""
-    log.info("already complete: top-1 error %.2f%% after %d epochs%s; %s is left as it is", metrics["top1_err"],
-             metrics["epoch"], test, run_dir)
+    log.info("already complete: %s; %s is left as it is", result_line(metrics), run_dir)
     return metrics
 
 
@@ -238,8 +250,12 @@ def _build(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run
     test_set = build_test_set(cfg.data)
     test_loader = (None if test_set is None else
                    build_eval_loader(cfg.data, test_set, val_loader, rank, world_size, cfg.seed, device))
+    if cfg.data.protocol == "final" and not tcfg.eval_only:
+        test_loader = val_loader  # the data set's own val split is the test set: seen once, at the end
     log.info("data %s: %d train / %d val images%s", cfg.data.name, len(train_set), len(val_set),
-             f" (held out of train, data.val_split), {len(test_set)} test images" if test_set is not None else "")
+             f" (held out of train, data.val_split), {len(test_set)} test images" if test_set is not None else
+             " (data.protocol=final: the val split is the test set, evaluated once at the end)"
+             if test_loader is val_loader else "")
     if tcfg.init_from and not resuming:  # a resume wins
         load_init_weights(model, tcfg.init_from, tcfg.new_head)
         log.info("initialised from %s%s", tcfg.init_from, " with a new classifier" if tcfg.new_head else "")
@@ -253,11 +269,12 @@ def _build(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run
     _resume(run, state, resumed)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.main else None
     run.metrics = {"status": "running", "epoch": state.epoch if not tcfg.eval_only else 0,
-                   "epochs": tcfg.epochs, **summary}
+                   "epochs": tcfg.epochs, **summary,
+                   "torch_threads": torch.get_num_threads()}  # one and two threads round differently
     if state.history:
-        best = state.best
-        run.metrics.update(state.history[-1], best_top1_err=best["top1_err"], best_epoch=best["epoch"],
-                           history=state.history)
+        run.metrics.update(state.history[-1], history=state.history)
+        if "top1_err" in state.history[-1]:  # evaluated every epoch (not data.protocol=final)
+            run.metrics.update(best_top1_err=state.best["top1_err"], best_epoch=state.best["epoch"])
     if state.config_changes:
         run.metrics["config_changes"] = state.config_changes
         if run.main:
@@ -393,7 +410,8 @@ def _save_partial(run: Run, state: TrainState, epoch: int, progress: dict[str, A
 
 
 def _evaluate_test(run: Run, state: TrainState) -> None:
-    """``data.val_split``: the final weights (not best.pt's) on the test set, once, as ``test_*`` metrics."""
+    """``data.val_split`` or ``data.protocol=final``: the final weights (not best.pt's) on the test set, once,
+    as ``test_*`` metrics."""
     if run.test_loader is None:
         return
     tcfg = run.cfg.trainer
@@ -403,7 +421,7 @@ def _evaluate_test(run: Run, state: TrainState) -> None:
     test["test_loss"] = test.pop("test_val_loss")
     test["test_images"] = test.pop("test_val_images")
     run.metrics.update(test)
-    log.info("test set (data.val_split: %s's own val split, final weights of epoch %d): top-1 err %.2f%%, "
+    log.info("test set (%s's own val split, final weights of epoch %d): top-1 err %.2f%%, "
              "top-5 err %.2f%%, loss %.4f", run.cfg.data.name, state.epoch, result["top1_err"], result["top5_err"],
              result["loss"])
     if run.writer is not None:
@@ -414,20 +432,14 @@ def _end_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any], s
     """Check the replicas, evaluate, record the epoch in the history and metrics.json, checkpoint."""
     tcfg = run.cfg.trainer
     check_replicas_agree(state.model, f"epoch {epoch}")
+    if run.cfg.data.protocol == "final":  # no evaluation on the test set before the end, nothing chosen by it
+        _end_final_epoch(run, state, epoch, stats, start)
+        return
     result = evaluate(run.eval_model, run.val_loader, run.precision, tcfg.channels_last)
     ema_result = evaluate(state.ema.module, run.val_loader, run.precision, tcfg.channels_last) if state.ema else None
-    totals = torch.tensor([stats["loss_sum"], stats["loss_steps"]], dtype=torch.float64,
-                          device=run.precision.device)
-    loss_sum, loss_steps = all_reduce_sum(totals).tolist()
-    record = {"epoch": epoch, "train_loss": loss_sum / max(loss_steps, 1),  # over every rank's batches
-              "lr": state.optimizer.param_groups[0]["lr"], "train_images_per_s": stats["images_per_s"],
-              **_epoch_metrics(result, ema_result)}
+    record = {**_train_record(run, state, epoch, stats), **_epoch_metrics(result, ema_result)}
     record["epoch_s"] = round(time.perf_counter() - start, 2)  # this process's wall time: steps and evaluations
-    if stats["skipped_steps"]:
-        record["skipped_steps"] = stats["skipped_steps"]
-    skipped = _gather_skipped(stats["skipped"] + result["skipped"] + (ema_result or {}).get("skipped", []))
-    if skipped:
-        record["skipped_images"] = _report_skipped(run.run_dir, skipped, run.main)
+    _add_skips(run, record, stats, result["skipped"] + (ema_result or {}).get("skipped", []))
     is_best = record["top1_err"] < state.best["top1_err"]
     state.history.append(record)
     state.epoch = epoch
@@ -445,6 +457,39 @@ def _end_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any], s
         save_checkpoint(saved, run.checkpoints / "last.pt")
         if is_best:
             save_checkpoint(saved, run.checkpoints / "best.pt")
+        write_json(run.run_dir / "metrics.json", run.metrics)
+
+
+def _train_record(run: Run, state: TrainState, epoch: int, stats: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's history record of its training: the mean loss over every rank's batches, lr, speed."""
+    totals = torch.tensor([stats["loss_sum"], stats["loss_steps"]], dtype=torch.float64,
+                          device=run.precision.device)
+    loss_sum, loss_steps = all_reduce_sum(totals).tolist()
+    return {"epoch": epoch, "train_loss": loss_sum / max(loss_steps, 1), "lr": state.optimizer.param_groups[0]["lr"],
+            "train_images_per_s": stats["images_per_s"]}
+
+
+def _add_skips(run: Run, record: dict[str, Any], stats: dict[str, Any], eval_skipped: list[str]) -> None:
+    """Note in an epoch's record the updates ``on_nonfinite=skip`` left out and the unreadable images of every rank."""
+    if stats["skipped_steps"]:
+        record["skipped_steps"] = stats["skipped_steps"]
+    skipped = _gather_skipped(stats["skipped"] + eval_skipped)
+    if skipped:
+        record["skipped_images"] = _report_skipped(run.run_dir, skipped, run.main)
+
+
+def _end_final_epoch(run: Run, state: TrainState, epoch: int, stats: dict[str, Any], start: float) -> None:
+    """``data.protocol=final``: the epoch's training record and last.pt, no evaluation and no best.pt."""
+    record = _train_record(run, state, epoch, stats)
+    record["epoch_s"] = round(time.perf_counter() - start, 2)
+    _add_skips(run, record, stats, [])
+    state.history.append(record)
+    state.epoch = epoch
+    run.metrics.update(record, history=state.history)
+    log.info("epoch %d/%d: train loss %.4f, lr %.4g (data.protocol=final: no evaluation before the end)",
+             epoch, run.cfg.trainer.epochs, record["train_loss"], record["lr"])
+    if run.main:
+        save_checkpoint(state.checkpoint(_config(run.cfg)), run.checkpoints / "last.pt")
         write_json(run.run_dir / "metrics.json", run.metrics)
 
 

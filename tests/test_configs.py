@@ -148,6 +148,7 @@ BAD_VALUES = {
     "attention.reduction": "0", "attention.every": "0",
     "attention.divisor": "-8", "attention.bias": "maybe", "data.remode": "fill", "data.color_jitter": "-0.1",
     "sched.cooldown_epochs": "-1", "data.val_split": "-1", "trainer.stop_after_epochs": "0",
+    "data.protocol": "both",
 }
 # Bad values that need a second override: a backbone that has the key, or a value they conflict with.
 BAD_PAIRS = {"model.width_mult": ("model=mobilenetv2", "model.width_mult=0"),

@@ -44,6 +44,21 @@ def test_cosine_schedule_with_warmup_per_step():
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_linear_schedule_decays_in_a_straight_line_to_min_lr_after_its_warm_up():
+    """timm's poly at power 1 whatever sched.decay_rate holds (timm reads the power from it): after the warm-up
+    the lr lies on the line from optim.lr at step 0 to min_lr at the last step, as timm fits it."""
+    opt = build_optimizer(nn.Linear(2, 2), compose_config("optim.lr=0.1").optim)
+    cfg = compose_config("sched=linear", "sched.warmup_epochs=1", "sched.warmup_lr=0.001", "sched.min_lr=0.0",
+                         "sched.decay_rate=0.5").sched
+    sched = build_scheduler(opt, cfg, epochs=4, steps_per_epoch=10)
+    lrs = []
+    for step in range(40):
+        sched.step_update(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[10:] == pytest.approx([0.1 * (1 - step / 40) for step in range(10, 40)])
+
+
 def test_step_schedule_decays_at_the_milestones():
     opt = build_optimizer(nn.Linear(2, 2), compose_config("optim.lr=0.1").optim)
     cfg = compose_config("sched=step", "sched.decay_epochs=[2,3]").sched

@@ -19,7 +19,7 @@ log = logging.getLogger("attnlab")
 FREE_KEYS = frozenset({
     "trainer.progress", "trainer.log_interval", "trainer.checkpoint_every_steps", "trainer.attention_maps",
     "trainer.dist_timeout_s", "trainer.on_nonfinite", "trainer.resume", "trainer.stop_after_epochs",
-    "trainer.init_from", "trainer.new_head",  # a resume wins over init_from: neither is read
+    "trainer.init_from", "trainer.new_head", "model.pretrained",  # a resume wins over both: neither is read
     "data.num_workers", "data.root", "data.download", "data.eval_batch_size",
 })
 FREE_PREFIXES = ("paper",)  # the recipe's published numbers, carried beside the config

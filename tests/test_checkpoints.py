@@ -6,6 +6,7 @@ import torch
 
 import engine.run
 from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.resume import ResumeRefused
 from engine.run import train
 from tests.helpers import read_metrics, steps_per_epoch
 
@@ -125,7 +126,7 @@ def test_resume_from_a_checkpoint_on_the_epochs_last_step(quick_config, tmp_path
 
 
 def test_explicit_resume_path_and_eval_only(quick_config, tmp_path):
-    train(quick_config("trainer.epochs=1"), tmp_path / "a")
+    train(quick_config("trainer.epochs=1", "sched=step"), tmp_path / "a")  # a step schedule may be extended
     best = tmp_path / "a" / "checkpoints" / "best.pt"
     trained = read_metrics(tmp_path / "a")
     result = train(quick_config("trainer.eval_only=true", f"trainer.resume={best}"), tmp_path / "eval")
@@ -138,8 +139,10 @@ def test_explicit_resume_path_and_eval_only(quick_config, tmp_path):
 def test_checkpoint_from_another_model_is_refused(quick_config, tmp_path):
     train(quick_config("trainer.epochs=1"), tmp_path / "a")
     last = tmp_path / "a" / "checkpoints" / "last.pt"
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(ResumeRefused, match="model.name: resnet20 -> resnet32"):  # the config comparison first
         train(quick_config("trainer.epochs=2", "model=resnet32", f"trainer.resume={last}"), tmp_path / "b")
+    with pytest.raises(CheckpointError, match="different model"):  # eval_only reads the weights alone
+        train(quick_config("trainer.eval_only=true", "model=resnet32", f"trainer.resume={last}"), tmp_path / "c")
 
 
 def test_fine_tuning_with_a_new_head_is_explicit(tmp_path):

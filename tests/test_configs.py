@@ -140,7 +140,7 @@ BAD_VALUES = {
     "data.max_train_samples": "0", "data.max_val_samples": "-5", "data.reprob": "1.5", "data.mixup": "-0.2",
     "data.cutmix": "-1", "data.label_smoothing": "1.0", "optim.name": "adam", "optim.lr": "0",
     "optim.weight_decay": "-1e-4", "optim.momentum": "1.0", "optim.betas": "[0.9,1.1]", "optim.clip_grad": "0",
-    "optim.lr_reference_batch": "0", "sched.name": "linear", "sched.warmup_epochs": "-1", "sched.warmup_lr": "-1",
+    "optim.lr_reference_batch": "0", "sched.name": "poly", "sched.warmup_epochs": "-1", "sched.warmup_lr": "-1",
     "sched.min_lr": "-0.1", "sched.decay_epochs": "[0,5]", "sched.decay_rate": "0", "trainer.epochs": "-1",
     "trainer.device": "tpu", "trainer.amp": "fp8", "trainer.ema_decay": "1.5", "trainer.log_interval": "0",
     "trainer.attention_maps": "-2", "trainer.checkpoint_every_steps": "0", "trainer.dist_timeout_s": "0",

@@ -111,7 +111,8 @@ def test_train_loads_pretrained_weights_and_init_from_wins(quick_config, tmp_pat
     """Precedence: resume > trainer.init_from > model.pretrained."""
     source = build_model({"name": "resnet20"}, {"name": "none"}, num_classes=10)
     path = saved(source, tmp_path / "r20.pth")
-    overrides = ("model=resnet20", "attention=none", "trainer.epochs=1", "data.max_train_samples=32", "data.max_val_samples=16")
+    overrides = ("model=resnet20", "attention=none", "trainer.epochs=1", "data.max_train_samples=32", "data.max_val_samples=16",
+                 "sched=step")  # a step schedule may be extended on resume
     with caplog.at_level(logging.INFO):
         train(quick_config(*overrides, f"model.pretrained={path}"), tmp_path / "first")
     loaded = f"model.pretrained={path}: {len(source.state_dict())} tensors loaded, 0 new, 0 skipped"

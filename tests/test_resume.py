@@ -20,9 +20,11 @@ from tests.helpers import compose_config, make_image_folder, read_metrics, run_c
 
 
 def tree_digest(run_dir: Path) -> dict[str, str]:
-    """Every file under ``run_dir`` and a hash of its bytes (Hydra's own ``.hydra/`` and log aside)."""
+    """Every file under ``run_dir`` and a hash of its bytes (Hydra's own ``.hydra/`` and log aside, and the
+    run lock's holder line, which names the last process that owned the directory)."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+            and p.name != ".run.lock"}
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -18,8 +18,9 @@ train: $(STAMP)
 
 # Three workers on two cores: many tests wait on torchrun processes, timeouts and start-up; work stealing
 # keeps both cores busy to the end (measured: 580 s with -n 2, 482 s with -n 3 --dist worksteal).
+# --durations: CI's log names the slowest tests, where its time goes.
 test: $(STAMP)
-	$(PY) -m pytest -n 3 --dist worksteal $(ARGS)
+	$(PY) -m pytest -n 3 --dist worksteal --durations=30 $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 3 --dist worksteal -m "not slow" $(ARGS)

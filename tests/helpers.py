@@ -76,8 +76,9 @@ def run_script(name: str, *args: str, in_process: bool = True) -> subprocess.Com
     captured, a ``sys.exit(message)`` turned into exit status 1 and the message on stderr, as the interpreter
     does); with ``in_process=False`` as a real process, as a user runs it."""
     if not in_process:
+        # one thread, as each test worker has (tests/conftest.py): three workers on two cores already contend
         return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if str(ROOT / "scripts") not in sys.path:
         sys.path.insert(0, str(ROOT / "scripts"))  # where the scripts find their _config and _inputs
     spec = importlib.util.spec_from_file_location(f"script_{Path(name).stem}", ROOT / "scripts" / name)

@@ -28,8 +28,13 @@ class RunDirBusy(RuntimeError):
     """Another live process holds the run directory (``engine.lock``); the message names it."""
 
 
+class WriteError(RuntimeError):
+    """A file of the run could not be written (a full disk, a quota); the message names the path and the
+    OS error. Not retried: a full disk stays full."""
+
+
 # Reported by train.py in one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RankLostError, RunDirBusy)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RankLostError, RunDirBusy, WriteError)
 
 
 def config_message(path: str, message: str) -> str:

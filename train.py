@@ -12,6 +12,9 @@ from engine.metrics import launcher_rank, mark_failed
 from errors import USER_ERRORS, ConfigError
 
 log = logging.getLogger("attnlab")
+# A log file on a full disk must not print a traceback per line: the console keeps every line, and the
+# engine's own failed write (a checkpoint, metrics.json) stops the run with one line naming the path.
+logging.raiseExceptions = False
 
 register_configs()
 

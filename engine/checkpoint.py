@@ -1,5 +1,4 @@
 """Checkpoints that survive a crash mid-write and load with ``weights_only=True``."""
-import os
 import pickle
 import random
 from dataclasses import dataclass, field
@@ -10,21 +9,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.hooks import fault_point
+from engine.files import write_atomically
 from errors import CheckpointError
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to a temp file beside ``path``, flush it to disk, then rename it into place."""
+    """Write ``state`` to a temp file beside ``path``, flush it to disk, then rename it into place; a failed
+    write raises ``WriteError`` and keeps the checkpoint that was there."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    fault_point("checkpoint_write")
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    # one fixed temp name (only rank 0 writes): a write killed midway leaves one file, replaced by the next
+    write_atomically(path, lambda f: torch.save(state, f), tmp=path.with_name(f".{path.name}.tmp"),
+                     fault="checkpoint_write")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from engine.resume import ConfigChange, ResumeRefused, compare_configs, log_chan
 from engine.tensorboard import LazyWriter, log_hparams
 from engine.trainer import NonFiniteLossError, Precision, StepOptions, build_precision, evaluate, train_one_epoch
 from models import Backbone, build_model
-from errors import ConfigError, RunDirBusy
+from errors import ConfigError, RunDirBusy, WriteError
 
 log = logging.getLogger("attnlab")
 
@@ -204,13 +204,19 @@ class Run:
 def _train(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> dict[str, Any]:
     """The body of ``train``: build, then fit (or evaluate only)."""
     run, state = _build(cfg, run_dir, resumed)
+    finished = False
     try:
-        if cfg.trainer.eval_only:
-            return _evaluate_only(run, state)
-        return fit(run, state)
+        metrics = _evaluate_only(run, state) if cfg.trainer.eval_only else fit(run, state)
+        finished = True
+        return metrics
     finally:
         if run.writer is not None:
-            run.writer.close()
+            try:
+                run.writer.close()
+            except WriteError:
+                if finished:
+                    raise
+                # else the error that stopped the run is the one to report; the disk is likely the same
 
 
 def _build(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run, TrainState]:

@@ -16,7 +16,6 @@ data set's own val split), where every run has one. Run records (``docs/runs/``:
 metrics.json, from scripts/record_run.py) add the command, the hardware and the wall time.
 """
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -24,7 +23,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from _config import ROOT  # noqa: F401  (puts the repo on the path)
+from _config import ROOT, csv_bytes, write_file  # noqa: F401  (ROOT: puts the repo on the path)
 
 from engine.tensorboard import flatten
 
@@ -211,17 +210,17 @@ def markdown(rows: list[dict], keys: list[str], failed: list[dict], base: dict |
 def write_csv(rows: list[dict], keys: list[str], path: Path, on_test: bool = False) -> None:
     """One CSV row per configuration, with mean and std columns; ``errors_of`` says test or val set."""
     errors_of = "test" if on_test else "val"
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow([*keys, "paper_top1_err", "top1_err_mean", "top1_err_std", "top5_err_mean", "top5_err_std",
-                      "auroc_mean", "runs", "params", "macs", "train_images_per_s", "errors_of"])
-        for r in rows:
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-            out.writerow([*(r[k] for k in keys), "" if r.get("paper") is None else r["paper"],
-                          statistics.mean(r["top1_err"]), sd(r["top1_err"]),
-                          statistics.mean(r["top5_err"]), sd(r["top5_err"]),
-                          statistics.mean(r["auroc"]) if r["auroc"] else "", r["runs"], r["params"], r["macs"],
-                          r["train_images_per_s"], errors_of])
+    table = [[*keys, "paper_top1_err", "top1_err_mean", "top1_err_std", "top5_err_mean", "top5_err_std",
+              "auroc_mean", "runs", "params", "macs", "train_images_per_s", "errors_of"]]
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    for r in rows:
+        table.append([*(r[k] for k in keys), "" if r.get("paper") is None else r["paper"],
+                      statistics.mean(r["top1_err"]), sd(r["top1_err"]),
+                      statistics.mean(r["top5_err"]), sd(r["top5_err"]),
+                      statistics.mean(r["auroc"]) if r["auroc"] else "", r["runs"], r["params"], r["macs"],
+                      r["train_images_per_s"], errors_of])
+    data = csv_bytes(table)
+    write_file(path, lambda f: f.write(data))
 
 
 def numeric_key(rows: list[dict], keys: list[str]) -> str | None:
@@ -283,7 +282,7 @@ def plot(rows: list[dict], keys: list[str], x: str, path: Path, base: dict | Non
     ax.set_xlabel("parameters (M)" if x == "params" else "GMACs")
     ax.set_ylabel("top-1 error (%)")
     ax.grid(alpha=0.3)
-    fig.savefig(path, bbox_inches="tight")
+    write_file(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 

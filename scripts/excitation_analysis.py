@@ -10,7 +10,6 @@ Figure: if the per-class curves coincide the block is class-agnostic, if they pa
 class-specific. The last line printed is JSON with the paths and, per block, the mean over channels
 of the per-class curves' standard deviation (larger: more class-specific).
 """
-import csv
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _config import csv_bytes, write_file  # noqa: E402
 from _inputs import load_model, split_args  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
@@ -91,22 +91,22 @@ def main(argv: list[str]) -> int:
     present = counts > 0
     fig, axes = plt.subplots(1, len(gates), figsize=(4 * len(gates), 3), squeeze=False)
     spread = {}
-    with open(out / "excitation.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["block", "class", "channel", "mean_excitation"])
-        for ax, key in zip(axes[0], gates):
-            per_class = sums[key][present] / counts[present, None]  # K', C
-            overall = sums[key].sum(0) / counts.sum()
-            for k, row in zip(present.nonzero().flatten().tolist(), per_class):
-                writer.writerows([key, k, c, f"{v:.6f}"] for c, v in enumerate(row.tolist()))
-                ax.plot(row.numpy(), linewidth=0.8, label=f"class {k}")
-            writer.writerows([key, "all", c, f"{v:.6f}"] for c, v in enumerate(overall.tolist()))
-            ax.plot(overall.numpy(), color="black", linewidth=1.2, label="all")
-            ax.set(title=key, xlabel="channel index", ylabel="activation", ylim=(0, 1))
-            spread[key] = per_class.std(0).mean().item() if len(per_class) > 1 else 0.0
+    table = [["block", "class", "channel", "mean_excitation"]]
+    for ax, key in zip(axes[0], gates):
+        per_class = sums[key][present] / counts[present, None]  # K', C
+        overall = sums[key].sum(0) / counts.sum()
+        for k, row in zip(present.nonzero().flatten().tolist(), per_class):
+            table += [[key, k, c, f"{v:.6f}"] for c, v in enumerate(row.tolist())]
+            ax.plot(row.numpy(), linewidth=0.8, label=f"class {k}")
+        table += [[key, "all", c, f"{v:.6f}"] for c, v in enumerate(overall.tolist())]
+        ax.plot(overall.numpy(), color="black", linewidth=1.2, label="all")
+        ax.set(title=key, xlabel="channel index", ylabel="activation", ylim=(0, 1))
+        spread[key] = per_class.std(0).mean().item() if len(per_class) > 1 else 0.0
     axes[0][-1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
-    fig.savefig(out / "excitation.png", dpi=120)
+    data = csv_bytes(table)
+    write_file(out / "excitation.csv", lambda f: f.write(data))
+    write_file(out / "excitation.png", lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"mean excitation per class at {', '.join(gates)} over {int(counts.sum())} val images -> {out}/")
     print(json.dumps({"csv": str(out / "excitation.csv"), "png": str(out / "excitation.png"),
                       "class_spread": spread}))

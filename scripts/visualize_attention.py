@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from _config import write_file
 from _inputs import load_images, load_model, split_args
 
 from engine.visualize import attention_figure, collect_maps, gradcam
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
             title += f", predicted class {k}" + (f" ({classes[k]})" if classes and k < len(classes) else "")
         fig = attention_figure(display[b], image_maps, cams[b], title, query)
         path = out / f"{name}.png"
-        fig.savefig(path, bbox_inches="tight")
+        write_file(path, lambda f, fig=fig: fig.savefig(f, format="png", bbox_inches="tight"))
         written.append(str(path))
     panels = [[f"{m.place} · {m.block} · {m.name}" for m in image_maps] for image_maps in maps]
     print(f"{len(written)} figures, {len(panels[0]) if panels else 0} maps each, in {out}/")

@@ -10,7 +10,8 @@ of the backbone: ECA-Net50's kernel sizes 3, 5, 5, 7).
 ``position: default`` puts a *gate* block (SE, CBAM, ECA, GC, CA, SimAM, triplet: ``is_gate = True``)
 where the backbone puts gates (after the depthwise conv on the mobile nets, as the coordinate
 attention paper compares them), or at the block's own ``default_position`` on backbones that leave
-it to the block (the ResNets). Blocks whose paper fixes their place (STN, non-local, MHSA, SASA,
+it to the block (the ResNets). A gate whose official code places it on a backbone (``official_places``:
+SimAM and triplet on MobileNetV2) goes there instead, in every unit. Blocks whose paper fixes their place (STN, non-local, MHSA, SASA,
 the heads) always go to their own ``default_position``.
 """
 import dataclasses
@@ -259,7 +260,10 @@ class AttentionPlan:
         """``spec`` checked against this backbone, with its stages made positive, and where it goes."""
         at_gate_place = spec.position == "default" and bool(gate_position) and getattr(spec.block, "is_gate", False)
         position = spec.position
-        if at_gate_place:
+        official = getattr(spec.block, "official_places", {}).get(backbone)
+        if at_gate_place and official:  # the block's own code on this backbone, in every unit
+            position, at_gate_place = official, False
+        elif at_gate_place:
             position = gate_position
         accepted = sorted(set(positions) & set(spec.block.positions))
         if position == "default":

@@ -124,7 +124,7 @@ def test_block_maps_are_well_formed(name):
     assert bool(maps) == has_maps(block)
     for key, (kind, m) in maps.items():
         assert kind in ("channel", "spatial", "query"), key
-        grid = ((h + 1) // 2, (w + 1) // 2) if kind == "query" and name == "nonlocal" else (h, w)  # x pooled 2x2
+        grid = (h // 2, w // 2) if kind == "query" and name == "nonlocal" else (h, w)  # x pooled 2x2, floor mode
         assert m.shape == ((b, c) if kind == "channel" else (b, *grid)) and torch.isfinite(m).all(), key
         if kind == "channel":
             assert ((m >= 0) & (m <= 1)).all(), key
@@ -417,8 +417,8 @@ def test_non_local_macs_count_its_attention_matmuls():
     assert count_macs(NonLocal(c, subsample=False), (c, h, w)) == convs + 2 * n * n * inner
     # dot: phi^T g (C/2 x C/2), then theta times it: linear in N
     assert count_macs(NonLocal(c, mode="dot", subsample=False), (c, h, w)) == convs + 2 * n * inner * inner
-    # the released code's default: phi and g on the 2x2-pooled map (ceil mode), M = 3 x 3 keys
-    m = math.ceil(h / 2) * math.ceil(w / 2)
+    # the released code's default: phi and g on the 2x2-pooled map (floor mode), M = 3 x 2 keys
+    m = (h // 2) * (w // 2)
     pooled_convs = c * inner * n + 2 * (c * inner * m) + inner * c * n
     assert count_macs(NonLocal(c), (c, h, w)) == pooled_convs + 2 * n * m * inner
 
@@ -465,8 +465,8 @@ def test_non_local_query_map_is_the_row_of_its_attention_matrix():
     block = NonLocal(16)
     x = torch.randn(1, 16, 5, 6)
     weights = attention_maps(block, x, query=(0.5, 0.5))["query attention"][1]  # row 2, column 3
-    assert weights.shape == (1, 3, 3)  # the keys: x max-pooled 2x2 (ceil mode) before phi
-    pooled = torch.nn.functional.max_pool2d(x, 2, ceil_mode=True)
+    assert weights.shape == (1, 2, 3)  # the keys: x max-pooled 2x2 (floor mode: row 5 dropped) before phi
+    pooled = torch.nn.functional.max_pool2d(x, 2)
     theta, phi = block.theta(x).flatten(2)[0], block.phi(pooled).flatten(2)[0]  # C', N and C', M
     assert block.scale == pytest.approx(8 ** -0.5)  # the released code's d^-1/2, d = C / 2
     full = torch.softmax(theta.t() @ phi * block.scale, dim=1)  # N x M, built independently
@@ -496,7 +496,7 @@ def test_query_maps_are_where_the_block_looks(name):
     block = make_block(name, 32).eval()
     x = torch.randn(2, 32, 9, 9)
     (kind, weights), = attention_maps(block, x, query=(0.5, 0.5)).values()  # row 4, column 4
-    assert kind == "query" and weights.shape == ((2, 5, 5) if name == "nonlocal" else (2, 9, 9))
+    assert kind == "query" and weights.shape == ((2, 4, 4) if name == "nonlocal" else (2, 9, 9))
     rows, cols = (weights[0] > 0).nonzero(as_tuple=True)
     if name == "criss_cross":  # its row and its column only
         assert ((rows == 4) | (cols == 4)).all()
@@ -505,7 +505,7 @@ def test_query_maps_are_where_the_block_looks(name):
         assert rows.max() - rows.min() < k and cols.max() - cols.min() < k
         assert rows.min() <= 4 <= rows.max() and cols.min() <= 4 <= cols.max()
     else:
-        assert len(rows) > 9  # beyond any local window (non-local: its 25 pooled keys)
+        assert len(rows) > 9  # beyond any local window (non-local: its 16 pooled keys)
 
 
 def test_blocks_with_maps_are_the_models_blocks_that_have_them():
@@ -552,3 +552,13 @@ def test_one_block_compiles_with_inductor():
     block = CBAM(32).eval()
     x = torch.randn(2, 32, 8, 8)
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+def test_non_local_pools_in_floor_mode_as_the_released_code_and_keeps_a_side_below_two():
+    block = NonLocal(8)
+    x = torch.randn(1, 8, 7, 7)
+    torch.testing.assert_close(block.pool(x), torch.nn.functional.max_pool2d(x, 2))  # 3 x 3: row 7 dropped
+    assert block.pool(x).shape[2:] == (3, 3)
+    assert block.pool(torch.randn(1, 8, 1, 5)).shape[2:] == (1, 2)  # nothing to pool along a side of 1
+    assert block.pool(torch.randn(1, 8, 1, 1)).shape[2:] == (1, 1)
+    assert block(torch.randn(2, 8, 1, 1)).shape == (2, 8, 1, 1)

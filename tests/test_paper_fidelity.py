@@ -13,11 +13,15 @@ from engine.config import check_config
 from models import ConfigError, build_model
 from models.attention import ATTENTION_BLOCKS, ECA, NonLocal, SimAM
 from models.backbones.mobilenetv2 import ROWS as MOBILENETV2_ROWS
+from models.placement import POSITIONS
 from tests.helpers import compose_config, meta_device
 
-GATES = ("se", "cbam", "eca", "gc", "coord", "simam", "triplet")
+GATES = sorted(name for name, cls in ATTENTION_BLOCKS.items() if cls.is_gate)  # a new gate is checked too
 FIXED_PLACE = sorted(set(ATTENTION_BLOCKS) - set(GATES))
-SLOT = {"post": "attn_post", "input": "attn_input", "replace_spatial": "depthwise.0", "head": "attn_head"}  # MobileNetV2's
+# Gates whose official code places them on MobileNetV2 (SimAM, triplet), and the others.
+OWN_MOBILE_PLACE = sorted(name for name in GATES if "mobilenetv2" in ATTENTION_BLOCKS[name].official_places)
+MOBILE_GATES = sorted(set(GATES) - set(OWN_MOBILE_PLACE))
+SLOT = {position: f"attn_{position}" for position in POSITIONS} | {"replace_spatial": "depthwise.0"}  # MobileNetV2's
 
 
 def build(*overrides: str) -> nn.Module:
@@ -35,11 +39,43 @@ def placed(model: nn.Module, block: type[nn.Module]) -> list[str]:
 # --- 1. position: default: gates where the backbone puts them, fixed-place blocks at their own place ---
 
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "mobilenext"])
-@pytest.mark.parametrize("name", GATES)
+@pytest.mark.parametrize("name", MOBILE_GATES)
 def test_gates_go_after_the_depthwise_conv_on_the_mobile_nets(backbone, name):
     model = build_model({"name": backbone, "stem": "cifar", "width_mult": 0.35}, {"name": name}, num_classes=10)
     names = placed(model, ATTENTION_BLOCKS[name])
     assert names and all(n.endswith(("attn_after_spatial", "attn_after_last")) for n in names), names
+
+
+def test_simam_sits_between_every_depthwise_conv_and_its_bn_on_mobilenetv2_as_its_official_code():
+    """ZjjConan/SimAM networks/imagenet/mobilenetv2.py: conv, SimAM, BN, ReLU6 in every unit, t = 1 included."""
+    model = build_model({"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.35}, {"name": "simam"}, num_classes=10)
+    names = placed(model, SimAM)
+    assert len(names) == sum(n for _, _, n, _ in MOBILENETV2_ROWS) == 17
+    assert all(n.endswith("attn_spatial_prenorm") for n in names), names
+    unit = model.stages[0][0]  # t = 1: no expansion, a gate all the same
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o, tag=tag: seen.append(tag)) for tag, m in
+             (("conv", unit.depthwise[0]), ("simam", unit.attn_spatial_prenorm), ("bn", unit.depthwise[1]))]
+    unit(torch.randn(1, unit.depthwise[0].in_channels, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    assert seen == ["conv", "simam", "bn"]
+
+
+def test_triplet_follows_every_projection_bn_on_mobilenetv2_as_its_official_code():
+    """landskape-ai/triplet-attention MODELS/mobilenet.py: after the pw-linear conv's BN in every unit."""
+    model = build_model({"name": "mobilenetv2", "stem": "cifar", "width_mult": 0.35}, {"name": "triplet"},
+                        num_classes=10)
+    names = placed(model, ATTENTION_BLOCKS["triplet"])
+    assert len(names) == 17 and all(n.endswith("attn_standard") for n in names), names
+
+
+@pytest.mark.parametrize("name", OWN_MOBILE_PLACE)
+def test_gates_with_no_official_mobilenext_code_take_the_analogous_place_there(name):
+    model = build_model({"name": "mobilenext", "stem": "cifar", "width_mult": 0.35}, {"name": name}, num_classes=10)
+    position = ATTENTION_BLOCKS[name].official_places["mobilenext"]
+    names = placed(model, ATTENTION_BLOCKS[name])
+    assert names and all(n.endswith(SLOT[position]) for n in names), names
 
 
 @pytest.mark.parametrize("name,position", [("se", "attn_standard"), ("simam", "attn_spatial_prenorm"),
@@ -48,10 +84,6 @@ def test_resnets_leave_the_place_to_the_block(name, position):
     model = build_model({"name": "resnet20"}, {"name": name}, num_classes=10)
     names = placed(model, ATTENTION_BLOCKS[name])
     assert names and all(n.endswith(position) for n in names), names
-
-
-def test_the_gates_are_the_blocks_that_follow_the_backbone():
-    assert {name for name, cls in ATTENTION_BLOCKS.items() if cls.is_gate} == set(GATES)
 
 
 @pytest.mark.parametrize("name", FIXED_PLACE)
@@ -167,7 +199,7 @@ def test_non_local_defaults_are_the_released_codes():
 
 def test_non_local_keeps_the_equation_as_written_as_an_option():
     block = NonLocal(16, scale=1.0, subsample=False, init_std=None)
-    assert block.scale == 1.0 and isinstance(block.pool, nn.Identity)
+    assert block.scale == 1.0 and not block.subsample
     assert block.theta.bias.abs().sum() > 0  # PyTorch's default init, not the released code's
 
 
@@ -643,3 +675,20 @@ def test_the_volo_recipe_trains_with_mix_token_and_resumes_exactly(tmp_path, mon
     monkeypatch.setattr(engine.run, "train_one_epoch", real_epoch)
     resumed = train(cfg, tmp_path / "resumed")
     assert math.isfinite(full["train_loss"]) and resumed["train_loss"] == full["train_loss"]
+
+
+@pytest.mark.parametrize("backbone", ["resnet20", "resnet50"])
+def test_cbams_channel_mlp_starts_as_the_official_resnets_start_it(backbone):
+    """Jongchan/attention-module model_resnet.py: its init loop redraws only "conv" and "bn" keys and zeroes
+    every bias, so the MLP keeps PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    model = build_model({"name": backbone}, {"name": "cbam", "stages": [-1]}, num_classes=10)
+    blocks = placed(model, ATTENTION_BLOCKS["cbam"])
+    assert blocks
+    for name in blocks:
+        gate = model.get_submodule(name).channel
+        for fc in (gate.fc1, gate.fc2):
+            bound = 1 / math.sqrt(fc.in_channels)
+            assert fc.weight.abs().max() <= bound  # kaiming fan-out would be sqrt(2 / out) wide
+            assert fc.weight.std() > bound / 3  # the full U(-b, b) (std b / sqrt 3), not a shrunken one
+            assert torch.equal(fc.bias, torch.zeros_like(fc.bias))

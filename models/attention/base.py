@@ -56,6 +56,9 @@ class AttentionBlock(nn.Module):
     head_class: type[nn.Module] | None = None
     # Where ``position: default`` goes on a backbone that lacks ``default_position`` (VOLO has no head).
     fallback_position: str | None = None
+    # backbone name -> where this gate's official code puts it there, in every unit; it overrides the
+    # backbone's own gate place (the mobile nets put the other gates after the depthwise conv).
+    official_places: dict[str, str] = {}
 
     def init_weights(self) -> None:
         """Re-apply the paper's own init of this block (backbones call it after their init loop); none here."""

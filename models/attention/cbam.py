@@ -83,8 +83,15 @@ class CBAM(AttentionBlock):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """The official ResNets' init (Jongchan/attention-module, ``model_resnet.py``): the spatial gate's BN
-        scale starts at 0, so the gate is a uniform 0.5 at first; torch's BN default would start it at 1."""
+        """The official ResNets' init (Jongchan/attention-module, ``model_resnet.py``): its loop re-draws only
+        keys holding "conv" or "bn" and zeroes every bias, so the channel MLP (``nn.Linear`` there) keeps
+        PyTorch's default weights with zero biases: redrawn here after the backbone's kaiming fan-out loop,
+        which would start them about 10x larger. The spatial gate's BN scale starts at 0, so the gate is a
+        uniform 0.5 at first; torch's BN default would start it at 1."""
+        for fc in (self.channel.fc1, self.channel.fc2):  # a 1x1 conv's default init is a Linear's
+            fc.reset_parameters()
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
         if isinstance(self.spatial, SpatialGate):
             nn.init.zeros_(self.spatial.bn.weight)
             nn.init.zeros_(self.spatial.bn.bias)

@@ -65,9 +65,7 @@ class NonLocal(AttentionBlock):
         self.phi = nn.Conv2d(channels, inner, 1) if mode != "gaussian" else None
         self.g = nn.Conv2d(channels, inner, 1)
         self.concat_project = nn.Conv2d(2 * inner, 1, 1, bias=False) if mode == "concat" else None
-        # ceil mode: an odd map keeps its last row and column, a 1x1 map stays 1x1 (the paper's even
-        # ResNet-50 maps pool as the released code's)
-        self.pool = nn.MaxPool2d(2, ceil_mode=True) if subsample else nn.Identity()
+        self.subsample = subsample
         self.W = nn.Conv2d(inner, channels, 1)
         self.bn = nn.BatchNorm2d(channels)
         self.init_weights()
@@ -82,6 +80,14 @@ class NonLocal(AttentionBlock):
                         nn.init.zeros_(conv.bias)
         nn.init.zeros_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H', W'): the 2x2 max-pool before phi and g, in floor mode as the released
+        code (an odd map drops its last row or column); a side below 2 has nothing to pool and is kept."""
+        if not self.subsample:
+            return x
+        kernel = (2 if x.shape[2] >= 2 else 1, 2 if x.shape[3] >= 2 else 1)
+        return F.max_pool2d(x, kernel) if kernel != (1, 1) else x
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) -> queries (B, N, C'), keys (B, M, C'), values (B, M, C'); M after subsampling.
@@ -139,7 +145,7 @@ class NonLocal(AttentionBlock):
         timm has only the embedded Gaussian, without subsampling, at logit scale 1 or C^-1/2.
         """
         channels = self.bn.num_features
-        expressible = (self.mode == "embedded_gaussian" and isinstance(self.pool, nn.Identity)
+        expressible = (self.mode == "embedded_gaussian" and not self.subsample
                        and self.scale in (1.0, channels ** -0.5))
         if not expressible:
             return None

@@ -6,8 +6,8 @@ https://github.com/ZjjConan/SimAM
 
 Each activation's inverse minimal energy, (x - mu)^2 / (4 (sigma^2 + lambda)) + 1/2 with the
 channel's spatial mean mu and variance sigma^2 (over n = HW - 1), gates it through a sigmoid. The
-official ResNets apply it after conv2, before bn2 (``spatial_prenorm``, its default there); the
-official training scripts set lambda on the command line (0.1 in the README's ImageNet commands).
+official ResNets apply it after conv2, before bn2 (``spatial_prenorm``, its default there), the
+official MobileNetV2 between every depthwise conv and its BN; the official training scripts set lambda on the command line (0.1 in the README's ImageNet commands).
 """
 import torch
 
@@ -24,6 +24,9 @@ class SimAM(AttentionBlock):
 
     default_position = "spatial_prenorm"  # the official code: after conv2, before bn2
     is_gate = True
+    # networks/imagenet/mobilenetv2.py: between each depthwise conv and its BN, in all 17 units (t = 1 too).
+    # No official MobileNeXt code: the same place, the last depthwise conv of each unit that has one.
+    official_places = {"mobilenetv2": "spatial_prenorm", "mobilenext": "spatial_prenorm"}
 
     def __init__(self, channels: int, e_lambda: float = 1e-4):
         super().__init__()

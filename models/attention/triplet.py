@@ -26,6 +26,9 @@ class TripletAttention(AttentionBlock):
 
     default_position = "standard"
     is_gate = True
+    # MODELS/mobilenet.py: after the projection's BN, in every unit (t = 1 too). No official MobileNeXt
+    # code: the same place, the end of each sandglass branch.
+    official_places = {"mobilenetv2": "standard", "mobilenext": "standard"}
 
     def __init__(self, channels: int, kernel_size: int = 7, spatial: bool = True):
         super().__init__()

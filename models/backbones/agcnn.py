@@ -14,8 +14,8 @@ Training runs in the paper's three stages: global branch, then local branch (glo
 fusion layer (both branches fixed); ``set_epoch`` switches stage by the fractions of the run in
 ``stage_fractions``. A fixed branch runs without gradient and with its norms in eval mode. Its
 parameters stay registered with DDP, which therefore needs ``find_unused_parameters``
-(``unused_in_some_phase`` declares them). One learning-rate schedule spans all stages, where the paper
-restarts it per stage.
+(``unused_in_some_phase`` declares them). Each stage runs the learning-rate schedule from its own start,
+as the paper trains each branch (``phase_epochs`` for ``engine.optim``'s phased scheduler).
 """
 import functools
 import inspect

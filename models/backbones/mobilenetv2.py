@@ -67,7 +67,8 @@ class MobileNetV2(PooledBackbone):
     Args:
         num_classes: size of the linear head.
         attention: parsed attention specs; ``position: default`` puts gates after the depthwise conv of
-            every unit with expansion > 1 (the coordinate attention code's placement); other blocks
+            every unit with expansion > 1 (the coordinate attention code's placement), SimAM and triplet
+            where their own MobileNetV2 code puts them (``official_places``, in every unit); other blocks
             go to their own default.
         width_mult: channel multiplier (1.4, 1.0, 0.75, 0.5, 0.35 in the paper).
         stem: ``imagenet`` (stride-2 first conv) or ``cifar`` (stride 1, and stride 1 in row 2).

@@ -13,7 +13,7 @@ CSV and a PNG are written to --out (default: the first DIR): top-1 error against
 crosses, beside top-1 error against parameters (or MACs).
 Runs trained with ``data.val_split`` report their test-set error (``test_top1_err``: the final weights on the
 data set's own val split), where every run has one. Run records (``docs/runs/``: a ``record.json`` beside
-metrics.json, from scripts/record_run.py) add the command, the hardware and the wall time.
+metrics.json, from scripts/run_record.py) add the command, the hardware and the wall time.
 """
 import argparse
 import json

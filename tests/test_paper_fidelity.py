@@ -278,12 +278,13 @@ def test_triplet_zeroes_only_the_hw_gates_bn_scale_as_the_official_resnets(where
 
 # --- heads: CCNet's RCCA and DANet's head once on the last feature map, as their official modules -------
 
-def _randomise(module: nn.Module) -> nn.Module:
-    """Random weights, BN statistics and gammas (not the zero inits that hide a branch), in eval mode."""
+def _randomise(module: nn.Module, std: float = 0.05) -> nn.Module:
+    """Random weights (N(0, std): the oracles below use weights large enough that the attention is far from
+    uniform, and assert it), BN statistics and gammas (not the zero inits that hide a branch), in eval mode."""
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.fill_(1.0) if name.endswith("gamma") else p.normal_(0, 0.05)  # gamma 1: attention weighs fully
+            p.fill_(1.0) if name.endswith("gamma") else p.normal_(0, std)  # gamma 1: attention weighs fully
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
@@ -319,18 +320,37 @@ def _official_cca(cca, x: torch.Tensor) -> torch.Tensor:
     return cca.gamma * (out_h + out_w) + x
 
 
+def _largest_weight_over_uniform(weights: torch.Tensor) -> float:
+    """Each query's largest attention weight (last axis: its keys) over the uniform 1 / keys, averaged."""
+    return float((weights.amax(-1) * weights.shape[-1]).mean())
+
+
 def test_rcca_head_is_the_official_rcca_module():
     from models.attention.criss_cross import RCCAHead
 
-    head = _randomise(RCCAHead(64, head_width=32))
+    head = _randomise(RCCAHead(64, head_width=32), std=0.3)
     x = torch.randn(2, 64, 5, 6)
     leaky = lambda t: F.leaky_relu(t, 0.01)  # noqa: E731
     out = _conv_bn(head.conva, x, leaky)
+    a_col, a_row = head.cca.row_column_weights(out)
+    # over H + W keys (the column's self entry is one of them, at weight 0): far from uniform
+    assert _largest_weight_over_uniform(torch.cat([a_col, a_row], 3)) > 3
     for _ in range(2):  # R = 2, the same weights
         out = _official_cca(head.cca, out)
     out = _conv_bn(head.convb, out, leaky)
     expected = _conv_bn(head.bottleneck[0], torch.cat([x, out], 1), leaky)
     torch.testing.assert_close(head(x), expected)
+
+
+def test_cca_gives_the_position_itself_no_weight_in_its_column_and_its_share_in_its_row():
+    """The official -inf on the column's diagonal: H + W - 1 positions, the query counted once, in its row."""
+    from models.attention import CrissCrossAttention
+
+    block = _randomise(CrissCrossAttention(16), std=0.3)
+    a_col, a_row = block.row_column_weights(torch.randn(2, 16, 5, 6))  # (B, H, W, H), (B, H, W, W)
+    assert torch.equal(a_col.diagonal(dim1=1, dim2=3), torch.zeros(2, 6, 5))  # query (i, j), key (i, j)
+    assert (a_row.diagonal(dim1=2, dim2=3) > 0).all()
+    torch.testing.assert_close(a_col.sum(3) + a_row.sum(3), torch.ones(2, 5, 6))
 
 
 def _official_pam(pam, gamma, x: torch.Tensor) -> torch.Tensor:
@@ -355,10 +375,18 @@ def _official_cam(gamma, x: torch.Tensor) -> torch.Tensor:
 def test_danet_head_is_the_official_danet_head():
     from models.attention.danet import DANetHead
 
-    head = _randomise(DANetHead(64))
+    head = _randomise(DANetHead(64), std=0.3)
     x = torch.randn(2, 64, 5, 6)
-    sa = _conv_bn(head.conv51, _official_pam(head.sa.attention, head.sa.gamma, _conv_bn(head.conv5a, x, F.relu)), F.relu)
-    sc = _conv_bn(head.conv52, _official_cam(head.sc.gamma, _conv_bn(head.conv5c, x, F.relu)), F.relu)
+    pam_in, cam_in = _conv_bn(head.conv5a, x, F.relu), _conv_bn(head.conv5c, x, F.relu)
+    # the attention both modules compute, from the official equations, is far from uniform
+    pam = head.sa.attention
+    q = F.conv2d(pam_in, pam.query.weight, pam.query.bias).flatten(2)
+    k = F.conv2d(pam_in, pam.key.weight, pam.key.bias).flatten(2)
+    assert _largest_weight_over_uniform(torch.softmax(q.transpose(1, 2) @ k, -1)) > 3  # unscaled logits
+    energy = cam_in.flatten(2) @ cam_in.flatten(2).transpose(1, 2)
+    assert _largest_weight_over_uniform(torch.softmax(energy.amax(-1, keepdim=True) - energy, -1)) > 3
+    sa = _conv_bn(head.conv51, _official_pam(pam, head.sa.gamma, pam_in), F.relu)
+    sc = _conv_bn(head.conv52, _official_cam(head.sc.gamma, cam_in), F.relu)
     torch.testing.assert_close(head(x), sa + sc)
 
 
@@ -427,25 +455,46 @@ def test_attention_modules_pool_three_two_one_times_down_to_7x7():
     assert bottoms == [(7, 7)] * 3
 
 
+def _bn(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Caffe's BatchNorm + Scale in test mode, from ``bn``'s tensors."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+
+
+def _prototxt_unit(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A prototxt residual unit (BN, ReLU, 1x1 conv; BN, ReLU, 3x3 conv; BN, ReLU, 1x1 conv; Eltwise SUM with
+    the input), written from the layer list with the unit's tensors, not its modules."""
+    bn1, conv1, bn2, conv2 = unit.preact[0], unit.conv1[0], unit.conv1[1], unit.conv2
+    bn3, conv3 = unit.conv3[0], unit.conv3[2]
+    y = F.conv2d(F.relu(_bn(x, bn1)), conv1.weight)
+    y = F.conv2d(F.relu(_bn(y, bn2)), conv2.weight, padding=1)
+    return x + F.conv2d(F.relu(_bn(y, bn3)), conv3.weight)
+
+
 def test_the_attention_module_is_wired_as_the_prototxts_attention_a():
     """AttentionA_1 from the prototxt's bottoms: pools from trunk/res1, skips from each level, interp to the level
-    above and finally to trunk/res3, the PROD and the SUM, then branch1."""
+    above and finally to trunk/res3, linear_1 and linear_2 each after BN and ReLU, the sigmoid, the PROD and the
+    SUM, then branch1. The oracle uses the block's tensors only, and the weights are large enough that the mask
+    is far from its uniform 0.5."""
     from models.attention.residual_attention import ResidualAttention
 
-    block = _randomise(ResidualAttention(16, levels=3))
+    block = _randomise(ResidualAttention(16, levels=3), std=1.0)
     x = torch.randn(2, 16, 24, 24)
-    pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)  # noqa: E731
+    pool = lambda t: F.max_pool2d(t, 3, 2, ceil_mode=True)  # noqa: E731  (Caffe rounds up)
     interp = lambda t, like: F.interpolate(t, size=like.shape[2:], mode="bilinear", align_corners=True)  # noqa: E731
+    unit = lambda u, t: _prototxt_unit(u, t)  # noqa: E731
     m = block.mask_branch
-    res1 = block.first(x)
-    res3 = block.trunk(res1)
-    d1 = m.down[0](pool(res1))  # down_sample/res1_1
-    d2 = m.down[1](pool(d1))  # down_sample/res2_1
-    d3 = m.down[2](pool(d2))  # down_sample/res3_1, res3_2
-    u2 = m.up[1](interp(d3, d2) + m.skips[1](d2))  # up_sample2 = skip/res2 + interp_3, then up_sample/res2_1
-    u1 = m.up[0](interp(u2, d1) + m.skips[0](d1))  # up_sample1 = skip/res1 + interp_2, then up_sample/res1_1
-    mask = torch.sigmoid(m.close(interp(u1, res3)))  # interp_1, linear_1, linear_2, sigmoid
-    torch.testing.assert_close(block(x), block.last(res3 * mask + res3))
+    res1 = unit(block.first, x)
+    res3 = unit(block.trunk[1], unit(block.trunk[0], res1))
+    d1 = unit(m.down[0][0], pool(res1))  # down_sample/res1_1
+    d2 = unit(m.down[1][0], pool(d1))  # down_sample/res2_1
+    d3 = unit(m.down[2][1], unit(m.down[2][0], pool(d2)))  # down_sample/res3_1, res3_2
+    u2 = unit(m.up[1], interp(d3, d2) + unit(m.skips[1], d2))  # up_sample2 = skip/res2 + interp_3, up_sample/res2_1
+    u1 = unit(m.up[0], interp(u2, d1) + unit(m.skips[0], d1))  # up_sample1 = skip/res1 + interp_2, up_sample/res1_1
+    bn_a, conv_a, bn_b, conv_b = m.close[0], m.close[2], m.close[3], m.close[5]
+    linear_1 = F.conv2d(F.relu(_bn(interp(u1, res3), bn_a)), conv_a.weight)  # interp_1, then linear_1
+    mask = torch.sigmoid(F.conv2d(F.relu(_bn(linear_1, bn_b)), conv_b.weight))  # linear_2, sigmoid
+    assert mask.std() > 0.2 and (mask - 0.5).abs().mean() > 0.2, mask.std()  # not a uniform 0.5
+    torch.testing.assert_close(block(x), unit(block.last, res3 * mask + res3))
     assert d3.shape[-1] == 3  # 24 -> 12 -> 6 -> 3, 3x3 / 2 rounding up
 
 
@@ -479,22 +528,47 @@ def test_residual_attention_block_pools_as_the_papers_stages_by_default():
 
 # --- smaller differences: SASA's unscaled logits, STN on the image, outlook's heads, MHSA's tables -------------------------
 
-def test_sasa_logits_are_unscaled_as_the_papers_equation_and_scaled_on_request():
+def _sasa_by_the_equation(block, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ramachandran et al.'s Eq. 2 and 3, position by position: y_ij = sum over the k x k neighbourhood's
+    in-map positions ab of softmax(q_ij . k_ab + q_ij . r_{a-i,b-j}) v_ab per head, r the concatenation of a
+    row-offset and a column-offset embedding. Returns y (B, C, H, W) and each query's largest weight over the
+    uniform 1 / (its in-map keys), averaged."""
+    b, _, h, w = x.shape
+    heads, d, half = block.heads, block.dim, block.k // 2
+    q = F.conv2d(x, block.q.weight).view(b, heads, d, h, w) * scale
+    keys, values = F.conv2d(x, block.kv.weight).view(b, 2, heads, d, h, w).unbind(1)
+    y, peaks = torch.zeros(b, heads, d, h, w), []
+    for i in range(h):
+        for j in range(w):
+            rows = range(max(0, i - half), min(h, i + half + 1))
+            cols = range(max(0, j - half), min(w, j + half + 1))
+            near = [(a, c) for a in rows for c in cols]
+            k_ab = torch.stack([keys[..., a, c] for a, c in near], -1)  # B, heads, d, K
+            v_ab = torch.stack([values[..., a, c] for a, c in near], -1)
+            r = torch.stack([torch.cat([block.rel_row[:, a - i + half], block.rel_col[:, c - j + half]])
+                             for a, c in near], -1)  # d, K
+            logits = torch.einsum("bnd,bndk->bnk", q[..., i, j], k_ab) + torch.einsum("bnd,dk->bnk", q[..., i, j], r)
+            weights = torch.softmax(logits, -1)
+            peaks.append(float((weights.amax(-1) * len(near)).mean()))
+            y[..., i, j] = torch.einsum("bnk,bndk->bnd", weights, v_ab)
+    return y.view(b, heads * d, h, w), sum(peaks) / len(peaks)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_sasa_is_the_papers_local_attention_at_every_position_borders_included(scaled):
+    """Eq. 2 has no 1/sqrt(d) (``scaled=True`` adds it); positions outside the map are left out of the softmax,
+    which the border and corner queries of a 9x9 map under a 7x7 window show."""
     from models.attention import LocalSelfAttention
 
     torch.manual_seed(0)
-    paper, scaled = LocalSelfAttention(16, 16, heads=2), LocalSelfAttention(16, 16, heads=2, scaled=True)
-    scaled.load_state_dict(paper.state_dict())
-    x = torch.randn(1, 16, 9, 9)  # the centre's 7x7 window lies inside the map: nothing masked
-    d, kk, centre = 8, 49, 4 * 9 + 4
-    q = paper.q(x).view(1, 2, d, 81)[0, 0, :, centre]  # head 0
-    k = F.unfold(paper.kv(x), 7, padding=3).view(1, 2, 2, d, kk, 81)[0, 0, 0, :, :, centre]  # its 7x7 keys
-    rel = torch.cat([paper.rel_row.unsqueeze(2).expand(-1, -1, 7).reshape(d // 2, kk),
-                     paper.rel_col.unsqueeze(1).expand(-1, 7, -1).reshape(d // 2, kk)])
-    logits = q @ (k + rel)  # Eq. 2: q^T k_ab + q^T r_{a-i,b-j}, no 1/sqrt(d)
-    for block, scale in ((paper, 1.0), (scaled, d ** -0.5)):
-        weights, _ = block._window_attention(x)
-        torch.testing.assert_close(weights[0, 0, centre, 0], torch.softmax(logits * scale, dim=-1))
+    block = LocalSelfAttention(8, 16, heads=2, scaled=scaled)
+    with torch.no_grad():
+        for p in (block.q.weight, block.kv.weight):
+            p.mul_(3)  # larger weights: far from uniform attention (asserted below)
+    x = torch.randn(2, 8, 9, 9)
+    expected, peak = _sasa_by_the_equation(block, x, block.dim ** -0.5 if scaled else 1.0)
+    assert peak > 3
+    torch.testing.assert_close(block(x), expected)
 
 
 @pytest.mark.parametrize("backbone", ["resnet20", "mobilenetv2", "volo_d1", "densenet121", "attention56"])

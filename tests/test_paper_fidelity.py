@@ -641,18 +641,24 @@ def test_triplet_attention_is_the_official_forward():
     and x.permute(0, 3, 2, 1), rotated back and averaged."""
     from models.attention import TripletAttention
 
-    block = _randomise(TripletAttention(8))
+    block = _randomise(TripletAttention(8), std=0.3)
+    with torch.no_grad():
+        for g in (block.ch, block.cw, block.hw):
+            g.bn.weight.fill_(1.0)  # each gate's one BN scale: a random draw near 0 would flatten that gate
     x = torch.randn(2, 8, 5, 6)
+    spreads = []
 
     def gate(g, t: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([t.max(1, keepdim=True)[0], t.mean(1, keepdim=True)], 1)
         y = F.batch_norm(F.conv2d(pooled, g.conv.weight, padding=3), g.bn.running_mean, g.bn.running_var,
                          g.bn.weight, g.bn.bias, eps=g.bn.eps)
+        spreads.append(float(torch.sigmoid(y).std()))
         return t * torch.sigmoid(y)
 
     out_h = gate(block.ch, x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
     out_w = gate(block.cw, x.permute(0, 3, 2, 1)).permute(0, 3, 2, 1)
     torch.testing.assert_close(block(x), (out_h + out_w + gate(block.hw, x)) / 3)
+    assert min(spreads) > 0.1, spreads  # every gate far from a uniform sigmoid(0)
 
 
 # --- VOLO's MixToken, as the official forward and TokenLabelCrossEntropy -----------------------------------

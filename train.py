@@ -8,7 +8,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from engine.config import check_config, register_configs
-from engine.metrics import launcher_rank, mark_failed
+from engine.launcher import launcher_rank
+from engine.metrics import mark_failed
 from errors import USER_ERRORS, ConfigError
 
 log = logging.getLogger("attnlab")
@@ -37,7 +38,8 @@ def main(cfg: DictConfig) -> None:
             mark_failed(run_dir, e)  # a sweep lists this job as failed
         return report_user_error(e, hydra_cfg.mode)
     from engine.interrupt import RunInterrupted
-    from engine.run import result_line, train
+    from engine.record import result_line
+    from engine.run import train
 
     try:
         metrics = train(cfg, run_dir)  # marks the run failed itself on any error

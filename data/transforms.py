@@ -28,6 +28,13 @@ def _normalize(cfg: DictConfig) -> T.Normalize:
     return T.Normalize(tuple(float(m) for m in cfg.mean), tuple(float(s) for s in cfg.std))
 
 
+def unnormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) back to pixel values in [0, 1], for figures."""
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
 def image_size_of(image: Image.Image | torch.Tensor) -> tuple[int, int]:
     """(height, width) of a PIL image or a (C, H, W) tensor."""
     return (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])

@@ -133,3 +133,37 @@ class TrainState:
         self.config_changes = list(saved.get("config_changes", []))
         if saved.get("partial"):
             self.partial = {k: v for k, v in saved["partial"].items() if k != "epoch"}
+
+
+def load_init_weights(model: nn.Module, path: str | Path, new_head: bool) -> None:
+    """Fine-tuning's start: a checkpoint's weights; with ``new_head`` the classifiers stay freshly built.
+
+    Anything else that does not fit (another architecture) is refused with the mismatch shown.
+    """
+    head_prefixes = tuple(f"{name}." for name in model.classifier_names)
+    weights = load_checkpoint(path)["model"]
+    if new_head:
+        weights = {k: v for k, v in weights.items() if not k.startswith(head_prefixes)}
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in weights and not (new_head and k.startswith(head_prefixes))]
+    unexpected = [k for k in weights if k not in own]
+    if mismatched or missing or unexpected:
+        head_only = all(k.split(":")[0].startswith(head_prefixes) for k in mismatched + missing + unexpected)
+        hint = "; to fine-tune for another class list set trainer.new_head=true" if head_only and not new_head else ""
+        problems = mismatched[:3] + [f"missing {k}" for k in missing[:3]] + [f"unexpected {k}" for k in unexpected[:3]]
+        raise CheckpointError(f"{path} does not fit this model ({'; '.join(problems)}){hint}")
+    model.load_state_dict(weights, strict=False)
+
+
+def rank_progress(partial: dict, rank: int, world_size: int) -> dict:
+    """This rank's part of a mid-epoch checkpoint's progress: ``batches``, its own loss totals, skips."""
+    share = dict(partial)
+    sums, steps = share.get("loss_sum", 0.0), share.get("loss_steps", partial["batches"])
+    if isinstance(sums, list) and len(sums) == world_size:
+        share.update(loss_sum=sums[rank], loss_steps=steps[rank])
+    else:  # another world size: rank 0 carries the totals (the epoch's mean is then not bit-exact)
+        total = (sum(sums), sum(steps)) if isinstance(sums, list) else (sums, steps)
+        share.update(zip(("loss_sum", "loss_steps"), total if rank == 0 else (0.0, 0)))
+    return share

@@ -156,6 +156,11 @@ class Config:
     seed: int = 0
 
 
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers, as checkpoints store it."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def register_configs() -> None:
     """Register the schema so ``configs/train.yaml`` can list it first in its defaults."""
     ConfigStore.instance().store(name="schema", node=Config)

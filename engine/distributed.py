@@ -1,12 +1,44 @@
-"""Small distributed helpers: torchrun's environment in, rank queries and reductions out."""
+"""Where a process is set up, and small distributed helpers: the device and the seeds, torchrun's environment
+in, rank queries and reductions out."""
 import os
+import random
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.metrics import submitit_slurm_tasks
-from errors import RankLostError
+from engine.config import DEVICES
+from engine.launcher import submitit_slurm_tasks
+from errors import ConfigError, RankLostError
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    if name not in DEVICES:
+        raise ConfigError(f"trainer.device='{name}' is not valid; use {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; optionally insist on deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    """SyncBatchNorm runs on CUDA only (torch's kernels); on the CPU say what to use instead."""
+    if sync_bn and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA devices; on the CPU use model.norm=group for "
+                          "batch statistics that do not depend on the per-process batch")
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600) -> tuple[int, int]:
@@ -106,11 +138,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes, 1 when not distributed."""
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on the rank that logs and writes files."""
-    return get_rank() == 0
 
 
 def broadcast_object(obj):

@@ -30,7 +30,7 @@ from torch import nn
 
 from engine.checkpoint import TrainState
 from engine.optim import build_optimizer, build_scheduler
-from engine.run import select_device
+from engine.distributed import select_device
 from engine.trainer import StepOptions, build_precision, train_one_epoch
 from models import build_model
 

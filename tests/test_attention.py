@@ -1,6 +1,5 @@
 """Attention blocks: the contract of every registered block, the papers' widths and parameter counts,
 equality with timm, and what the blocks attend to."""
-import math
 
 import pytest
 import torch

@@ -146,7 +146,7 @@ def test_checkpoint_from_another_model_is_refused(quick_config, tmp_path):
 
 
 def test_fine_tuning_with_a_new_head_is_explicit(tmp_path):
-    from engine.run import load_init_weights
+    from engine.checkpoint import load_init_weights
     from models import build_model
 
     source = build_model({"name": "resnet20"}, {"name": "se"}, num_classes=10)
@@ -169,7 +169,7 @@ def test_fine_tuning_with_a_new_head_is_explicit(tmp_path):
                          ids=["agcnn", "volo"])
 def test_a_new_head_leaves_every_classifier_the_model_declares_fresh(tmp_path, model_cfg):
     """AG-CNN's fusion layer and both branches' heads; VOLO's head and auxiliary token head."""
-    from engine.run import load_init_weights
+    from engine.checkpoint import load_init_weights
     from models import build_model
 
     source = build_model(model_cfg, {"name": "none"}, num_classes=10)

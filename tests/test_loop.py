@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import engine.build
 import engine.run
 from engine.checkpoint import TrainState, load_checkpoint
 from engine.optim import build_optimizer, build_scheduler
@@ -234,8 +235,8 @@ def test_ema_follows_the_trained_module_through_a_wrapper():
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(quick_config, tmp_path, monkeypatch):
     cfg = quick_config("trainer.epochs=3", "trainer.log_interval=3")
     bad_step = steps_per_epoch(cfg) + 2  # epoch 2's second step, between two sync points
-    real_build = engine.run.build_model
-    monkeypatch.setattr(engine.run, "build_model", lambda *a, **k: poison_after(real_build(*a, **k), bad_step - 1))
+    real_build = engine.build.build_model
+    monkeypatch.setattr(engine.build, "build_model", lambda *a, **k: poison_after(real_build(*a, **k), bad_step - 1))
     with pytest.raises(NonFiniteLossError, match=f"at step {bad_step} \\(epoch 2\\)"):
         train(cfg, tmp_path)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1

@@ -9,12 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-import engine.run
 from engine.checkpoint import load_checkpoint
 from engine.complexity import count_macs
 from engine.run import train
-from engine.trainer import build_precision, evaluate
-from models import ConfigError
+from models import ConfigError, build_model
 from tests.helpers import compose_config, corrupt_folder, read_metrics
 
 # --- end to end on digits -----------------------------------------------------------------------
@@ -28,7 +26,7 @@ def test_two_epochs_on_digits_write_every_output(quick_config, tmp_path):
     assert on_disk["epoch"] == 2 and on_disk["top1_err"] < 90  # better than chance on 10 classes
     for key in ("top5_err", "val_loss", "best_top1_err", "ema_top1_err", "train_images_per_s", "eval_images_per_s"):
         assert isinstance(on_disk[key], float)
-    model = engine.run.build_model(cfg.model, cfg.attention, cfg.attention_extra, 10)
+    model = build_model(cfg.model, cfg.attention, cfg.attention_extra, 10)
     assert on_disk["params"] == sum(p.numel() for p in model.parameters())
     assert on_disk["macs"] == count_macs(model, (3, 32, 32)) and isinstance(on_disk["macs"], int)
     saved = (tmp_path / "config.yaml").read_text()

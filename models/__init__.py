@@ -110,4 +110,10 @@ def fit_to_input_size(model: nn.Module, image_size: int, in_chans: int = 3) -> N
         block.fit_to_map(height, width)
 
 
-__all__ = ["BACKBONES", "Backbone", "ConfigError", "build_model", "model_options"]  # ConfigError: from errors
+# Importing models enters every backbone in timm's registry (timm.create_model("attnlab_resnet50", ...)).
+from models.timm_models import model_from_checkpoint, register_all  # noqa: E402  (needs build_model above)
+
+register_all()
+
+__all__ = ["BACKBONES", "Backbone", "ConfigError", "build_model", "model_from_checkpoint",
+           "model_options"]  # ConfigError: from errors

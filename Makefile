@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast venv clean
+.PHONY: train test test-fast mutation venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 3 --dist worksteal -m "not slow" $(ARGS)
+
+# Named semantic mutations, one at a time on a copy of the repository: the tests named for each must fail
+# (ARGS="--list", "--only NAME[,NAME]", "--check-apply", "--json PATH", "-j 2"; --check-apply takes 4 min, all 15).
+mutation: $(STAMP)
+	$(PY) scripts/mutation_check.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -59,6 +59,8 @@ def test_crop_offsets_and_flips_cover_what_random_crop_and_flip_allow():
     tops, lefts, flips = crop_flip_params(0, 1, np.arange(9_000), 32, 32, size=32, padding=4, flip=True)
     assert set(tops) == set(lefts) == set(range(9))  # padded 40, crop 32: offsets 0..8, each ~1/9
     assert abs(np.bincount(tops).max() / 1000 - 1) < 0.15 and abs(flips.mean() - 0.5) < 0.03
+    pairs = np.bincount(tops * 9 + lefts, minlength=81)  # rows and columns drawn apart: every shift, ~111 each
+    assert pairs.min() > 60, pairs.reshape(9, 9)
     _, _, never = crop_flip_params(0, 1, np.arange(100), 32, 32, size=32, padding=2, flip=False)
     assert not never.any()
 

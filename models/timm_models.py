@@ -16,10 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
+from timm.models._features import FeatureGetterNet
 from timm.models._builder import resolve_pretrained_cfg
+from torch import nn
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # configs/data/cifar10.yaml
@@ -109,11 +112,62 @@ def _model_config(timm_name: str, side: int, kwargs: dict[str, Any]) -> dict[str
     return {**model, **kwargs}
 
 
+class StageFeatures(FeatureGetterNet):
+    """timm's feature wrapper over a backbone's ``forward_intermediates`` (so the input STN and what runs
+    between stages still run), with the two options detection codebases set: ``frozen_stages`` (the stem and
+    that many first stages get no gradient and keep their norms in eval mode; -1: none) and ``norm_eval``
+    (every BatchNorm in eval mode while training, as detectors fine-tune with small per-GPU batches)."""
+
+    def __init__(self, model: nn.Module, out_indices: Sequence[int], frozen_stages: int = -1,
+                 norm_eval: bool = False):
+        super().__init__(model, out_indices, prune=False)
+        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        """The stem and the first ``frozen_stages`` stages (everything before the first stage counts as stem)."""
+        if self.frozen_stages < 0:
+            return []
+        first = next(self.model.stages[0].parameters())
+        stem = []
+        for child in self.model.children():  # registered in network order: the stem's modules come first
+            if any(p is first for p in child.parameters()):
+                break
+            stem.append(child)
+        return stem + [self.model.stages[i] for i in range(min(self.frozen_stages, len(self.model.stages)))]
+
+    def train(self, mode: bool = True) -> "StageFeatures":
+        """Train mode, with the frozen parts' norms (and every BatchNorm under ``norm_eval``) in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self._frozen_modules():
+                module.eval()
+            if self.norm_eval:
+                for module in self.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
+        return self
+
+
+def feature_info(model: nn.Module, in_chans: int, side: int) -> list[dict[str, Any]]:
+    """Each stage's channels and reduction (timm's ``feature_info``), from one forward pass at ``side``."""
+    training = model.training
+    with torch.no_grad():
+        maps = model.eval().forward_intermediates(torch.zeros(1, in_chans, side, side), intermediates_only=True)
+    model.train(training)
+    return [{"num_chs": m.shape[1], "reduction": side // m.shape[-1], "module": f"stages.{i}"}
+            for i, m in enumerate(maps)]
+
+
 def _entrypoint(timm_name: str):
-    """timm's entrypoint for ``timm_name``: the keywords above -> the built ``Backbone``."""
+    """timm's entrypoint for ``timm_name``: the keywords above -> the built ``Backbone`` (``features_only``: its
+    ``StageFeatures``)."""
 
     def create(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-               attention: Any = None, num_classes: int | None = None, **kwargs):
+               attention: Any = None, num_classes: int | None = None, features_only: bool = False,
+               out_indices: Sequence[int] | None = None, frozen_stages: int = -1, norm_eval: bool = False,
+               feature_cls: str | None = None, **kwargs):
         from models import build_model  # models imports this module
 
         cfg = resolve_pretrained_cfg(timm_name, pretrained_cfg, pretrained_cfg_overlay)
@@ -128,7 +182,14 @@ def _entrypoint(timm_name: str):
             model["pretrained"] = PRETRAINED[timm_name]
         built = build_model(model, main, extra, num_classes or cfg.num_classes, side)
         built.pretrained_cfg = built.default_cfg = cfg.to_dict()
-        return built
+        built.feature_info = feature_info(built, kwargs.get("in_chans", 3), side)
+        if not features_only:
+            return built
+        if feature_cls not in (None, "getter"):
+            raise ValueError(f"{timm_name}: feature_cls={feature_cls!r}; its features come from forward_intermediates "
+                             "(feature_cls='getter')")
+        indices = tuple(range(len(built.stages))) if out_indices is None else tuple(out_indices)
+        return StageFeatures(built, indices, frozen_stages, norm_eval)
 
     create.__name__ = create.__qualname__ = timm_name
     create.__module__ = __name__
@@ -146,8 +207,6 @@ def register_all() -> None:
 def model_from_checkpoint(path: str | Path, ema: bool = False):
     """The model an attnlab checkpoint was trained as, built from the config stored in it, holding its weights
     (``ema``: the EMA copy's, where the run kept one)."""
-    import torch
-
     from models import build_model
 
     saved = torch.load(path, map_location="cpu", weights_only=True)

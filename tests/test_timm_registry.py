@@ -101,3 +101,68 @@ def test_an_attnlab_checkpoint_loads_through_timm_and_as_the_model_it_was_traine
     torch.testing.assert_close(through_timm.eval()(x), trained(x))
     torch.testing.assert_close(model_from_checkpoint(path)(x), trained(x))
     assert torch.equal(model_from_checkpoint(path, ema=True).state_dict()["fc.bias"], ema["fc.bias"])
+
+
+def test_features_only_gives_each_stage_map_with_its_channels_and_reduction_and_freezes_on_request():
+    features = timm.create_model("attnlab_resnet50", attention="se", features_only=True, out_indices=(1, 2, 3),
+                                 frozen_stages=1, norm_eval=True)
+    assert features.feature_info.channels() == [512, 1024, 2048] and features.feature_info.reduction() == [8, 16, 32]
+    maps = features(torch.randn(1, 3, 96, 128))
+    assert [tuple(m.shape) for m in maps] == [(1, 512, 12, 16), (1, 1024, 6, 8), (1, 2048, 3, 4)]
+    features.train()
+    body = features.model
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad and not body.layer2[0].bn1.training  # norm_eval
+    stn = timm.create_model("attnlab_resnet20", attention="stn", features_only=True)
+    assert type(stn.model.attn_input).__name__ == "SpatialTransformer"  # runs: the wrapper calls forward_intermediates
+    torch.testing.assert_close(stn.eval()(torch.ones(1, 3, 32, 32))[-1],
+                               stn.model.forward_intermediates(torch.ones(1, 3, 32, 32), intermediates_only=True)[-1])
+
+
+class FpnBackbone(torch.nn.Module):
+    """An attnlab features_only model under torchvision's FeaturePyramidNetwork, as detectors take one."""
+
+    def __init__(self, features: torch.nn.Module, width: int = 64):
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        self.body, self.out_channels = features, width
+        self.fpn = FeaturePyramidNetwork(features.feature_info.channels(), width, extra_blocks=LastLevelMaxPool())
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: (B, 3, H, W) -> the pyramid's maps by level name."""
+        return self.fpn({str(i): m for i, m in enumerate(self.body(x))})
+
+
+@pytest.mark.slow
+def test_se_resnet50_features_train_and_evaluate_a_faster_rcnn():
+    from torchvision.models.detection import FasterRCNN
+
+    torch.manual_seed(0)
+    features = timm.create_model("attnlab_resnet50", attention="se", features_only=True, frozen_stages=1, norm_eval=True)
+    detector = FasterRCNN(FpnBackbone(features), num_classes=3, min_size=128, max_size=128)
+    images = [torch.rand(3, 128, 128), torch.rand(3, 112, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 5.0, 100.0, 70.0], [0.0, 0.0, 40.0, 40.0]]), "labels": torch.tensor([2, 1])}]
+    losses = detector.train()(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    se = features.model.layer3[0].attn_standard
+    assert se.fc1.weight.grad is not None and features.model.conv1.weight.grad is None  # frozen stem
+    detections = detector.eval()(images)
+    assert len(detections) == 2 and {"boxes", "labels", "scores"} <= set(detections[0])
+
+
+def test_cbam_resnet50_features_feed_a_segmentation_head_and_backpropagate():
+    torch.manual_seed(0)
+    features = timm.create_model("attnlab_resnet50", attention="cbam", features_only=True)
+    backbone = FpnBackbone(features, width=32)
+    head = torch.nn.Conv2d(32, 5, 1)
+    x = torch.rand(2, 3, 64, 64)
+    finest = backbone(x)["0"]  # stride 4
+    logits = torch.nn.functional.interpolate(head(finest), size=x.shape[2:], mode="bilinear", align_corners=False)
+    torch.nn.functional.cross_entropy(logits, torch.randint(0, 5, (2, 64, 64))).backward()
+    cbam = features.model.layer4[0].attn_standard
+    # the spatial gate's BN scale starts at 0 (the official init): its conv learns once that scale moves
+    assert cbam.channel.fc1.weight.grad.abs().sum() > 0 and cbam.spatial.bn.weight.grad.abs().sum() > 0

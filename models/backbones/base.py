@@ -88,7 +88,7 @@ class Backbone(nn.Module):
         return self.attn_head(self.forward_neck(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False
+                              intermediates_only: bool = False, norm: bool = False, output_fmt: str = "NCHW"
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Each chosen stage's output as a (B, C, h, w) map, as timm's ``forward_intermediates``.
 
@@ -96,9 +96,12 @@ class Backbone(nn.Module):
             x: (B, 3, H, W) images.
             indices: None for every stage, an int n for the last n, or 0-based stage indices.
             intermediates_only: return the maps alone, without running the rest of the network.
+            norm, output_fmt: timm's feature wrapper passes them; the maps are the stages' own, in NCHW.
         Returns:
             The maps, or ``(forward_features(x), maps)``.
         """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: the stage maps are NCHW")
         take, last = feature_take_indices(len(self.stages), indices)
         maps = []
         x = self.forward_stem(self.attn_input(x))

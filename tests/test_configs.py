@@ -129,6 +129,18 @@ def test_every_experiment_starts_with_its_command_and_builds(experiment):
 COMPRESSED_SCHEDULES = {"cifar10_resnet20": 32}
 
 
+def test_the_resnet20_paper_recipe_is_he_et_als_schedule_on_resnet20_with_the_test_set_seen_once():
+    """An alias of cifar10_resnet on the model Table 6 reports, not a copy of its settings."""
+    from omegaconf import OmegaConf
+
+    alias = compose_config("experiment=cifar10_resnet20_paper", "data.root=/data")
+    spelled_out = compose_config("experiment=cifar10_resnet", "model=resnet20", "data.root=/data",
+                                 "data.protocol=final")
+    assert OmegaConf.to_container(alias, resolve=True) == OmegaConf.to_container(spelled_out, resolve=True)
+    assert alias.model.name == "resnet20" and alias.trainer.epochs == 164 and list(alias.sched.decay_epochs) == [82, 123]
+    assert alias.data.val_split == 0 and alias.data.protocol == "final"
+
+
 # --- values refused when the config is composed ---------------------------------------------------
 
 # One bad value for every key with a rule (engine.config.RULES), and for the model and attention keys

@@ -9,7 +9,8 @@ Usage:
       lr, train loss, val loss and top-1 error with the record's: equal to 4 decimals, as trainer.deterministic
       promises on the same machine kind. The re-run keeps the record's trainer.epochs and stops after the
       first epochs (trainer.stop_after_epochs), so a schedule that follows the run's length replays exactly;
-      a value the record's epochs lack (no per-epoch evaluation) is not compared.
+      a value the record's epochs lack (no per-epoch evaluation) is not compared. It runs with the record's
+      thread count (metrics.json's torch_threads), since one and two threads round differently.
 """
 import argparse
 import json
@@ -69,13 +70,18 @@ def write(run_dir: Path, out: Path, wall_s: float, commit: str | None, overrides
 def check(out: Path, epochs: int) -> int:
     """Re-run the first ``epochs`` of a record; 0 when every compared value agrees to DECIMALS decimals."""
     record = json.loads((out / "record.json").read_text())
-    history = json.loads((out / "metrics.json").read_text())["history"][:epochs]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"][:epochs]
     overrides = [o for o in record["overrides"] if not o.startswith(RUN_ONLY)]
+    env = dict(os.environ)
+    if "torch_threads" in metrics:  # one and two threads round differently: re-run with the record's count
+        env["OMP_NUM_THREADS"] = str(metrics["torch_threads"])
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, str(ROOT / "train.py"), *overrides, f"trainer.stop_after_epochs={epochs}",
                    f"hydra.run.dir={tmp}"]
-        print("running:", " ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
+        print(f"running with {env.get('OMP_NUM_THREADS', 'the default')} thread(s):", " ".join(command[1:]),
+              flush=True)
+        subprocess.run(command, cwd=ROOT, check=True, env=env)
         rerun = json.loads((Path(tmp) / "metrics.json").read_text())["history"]
     mismatches = 0
     for old, new in zip(history, rerun, strict=True):

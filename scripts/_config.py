@@ -10,12 +10,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+from _project import use_project
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = use_project()  # before the project's own imports
 
-from engine.config import check_config, register_configs  # noqa: E402  (needs ROOT on the path)
+from engine.config import check_config, register_configs  # noqa: E402
 from engine.files import write_atomically  # noqa: E402
 from errors import ConfigError, WriteError  # noqa: E402
 

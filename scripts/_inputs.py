@@ -7,15 +7,18 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from _config import compose_from_argv
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
+from _project import use_project
 
-from data import build_datasets
-from errors import DataError
-from engine.checkpoint import CheckpointError, load_checkpoint
-from models import ConfigError, build_model
+use_project()  # before the project's own imports
+
+from _config import compose_from_argv  # noqa: E402
+from data import build_datasets  # noqa: E402
+from errors import DataError  # noqa: E402
+from engine.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from models import ConfigError, build_model  # noqa: E402
 
 
 def split_args(argv: list[str], defaults: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

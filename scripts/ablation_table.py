@@ -23,9 +23,12 @@ import sys
 from pathlib import Path
 
 import yaml
-from _config import ROOT, csv_bytes, write_file  # noqa: F401  (ROOT: puts the repo on the path)
+from _project import use_project
 
-from engine.tensorboard import flatten
+use_project()  # before the project's own imports
+
+from _config import csv_bytes, write_file  # noqa: E402
+from engine.tensorboard import flatten  # noqa: E402
 
 # Keys that say how a run was executed, not what was trained: never table columns.
 IGNORED_KEYS = {"seed", "data.root", "data.num_workers", "data.download", "data.decode", "data.in_memory",

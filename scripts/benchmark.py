@@ -25,14 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-from _config import ROOT, compose_from_argv
 from torch import nn
+from _project import use_project
 
-from engine.checkpoint import TrainState
-from engine.optim import build_optimizer, build_scheduler
-from engine.distributed import select_device
-from engine.trainer import StepOptions, build_precision, train_one_epoch
-from models import build_model
+ROOT = use_project()  # before the project's own imports
+
+from _config import compose_from_argv  # noqa: E402
+from engine.checkpoint import TrainState  # noqa: E402
+from engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from engine.distributed import select_device  # noqa: E402
+from engine.trainer import StepOptions, build_precision, train_one_epoch  # noqa: E402
+from models import build_model  # noqa: E402
 
 
 def plain_steps(model, criterion, batches, optimizer, precision) -> None:

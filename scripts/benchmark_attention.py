@@ -14,7 +14,6 @@ import time
 import weakref
 
 import torch
-from _config import ROOT  # noqa: F401  (puts the repo on the path)
 from timm.layers import EcaModule, GlobalContext, NonLocalAttn, SEModule
 from timm.layers.bottleneck_attn import BottleneckAttn
 from timm.layers.cbam import CbamModule
@@ -22,10 +21,13 @@ from timm.layers.coord_attn import CoordAttn
 from timm.models.volo import OutlookAttention as TimmOutlookAttention
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from _project import use_project
 
-from models.attention import ATTENTION_BLOCKS, MultiHeadSelfAttention2d
-from models.attention.eca import eca_kernel_size
-from models.attention.outlook import outlook_heads
+use_project()  # before the project's own imports
+
+from models.attention import ATTENTION_BLOCKS, MultiHeadSelfAttention2d  # noqa: E402
+from models.attention.eca import eca_kernel_size  # noqa: E402
+from models.attention.outlook import outlook_heads  # noqa: E402
 
 
 class TimmOutlook(nn.Module):

@@ -28,17 +28,20 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import torch
-from _config import ROOT, compose_from_argv
-from benchmark import timed
+from _project import use_project
 
-from data import build_datasets, build_loaders, set_train_epoch, train_transform
-from data.device_decode import decode_on_device
-from data.synthetic import write_jpeg_folder
-from engine.checkpoint import TrainState
-from engine.optim import build_optimizer, build_scheduler
-from engine.trainer import StepOptions, build_precision, train_one_epoch
-from models import build_model
-from models.backbones.base import SMALL_OPTIONS
+ROOT = use_project()  # before the project's own imports
+
+from _config import compose_from_argv  # noqa: E402
+from benchmark import timed  # noqa: E402
+from data import build_datasets, build_loaders, set_train_epoch, train_transform  # noqa: E402
+from data.device_decode import decode_on_device  # noqa: E402
+from data.synthetic import write_jpeg_folder  # noqa: E402
+from engine.checkpoint import TrainState  # noqa: E402
+from engine.optim import build_optimizer, build_scheduler  # noqa: E402
+from engine.trainer import StepOptions, build_precision, train_one_epoch  # noqa: E402
+from models import build_model  # noqa: E402
+from models.backbones.base import SMALL_OPTIONS  # noqa: E402
 
 STEP_MODELS = {  # name -> train.py overrides
     "resnet50": ["model=resnet50", "attention=none"],

@@ -10,7 +10,6 @@ all-reduce, the engine's extra beyond that its own stop-signal and non-finite-lo
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from _project import use_project
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+use_project()  # before the project's own imports
 
 from engine.interrupt import StepCheckpointer, StopSignals  # noqa: E402
 from engine.checkpoint import TrainState  # noqa: E402

@@ -8,11 +8,13 @@ Takes train.py's overrides. Prints parameters and MACs per stage (per branch for
 import json
 import sys
 from collections import Counter
+from _project import use_project
 
-from _config import compose_from_argv
+use_project()  # before the project's own imports
 
-from engine.complexity import bottleneck_widths, complexity_by_part
-from models import ConfigError, build_model
+from _config import compose_from_argv  # noqa: E402
+from engine.complexity import bottleneck_widths, complexity_by_part  # noqa: E402
+from models import ConfigError, build_model  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -19,10 +19,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from _config import csv_bytes, write_file  # noqa: E402
-from _inputs import load_model, split_args  # noqa: E402
+from _project import use_project  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
+use_project()  # before the project's own imports
+
+from _config import csv_bytes, write_file  # noqa: E402
+from _inputs import load_model, split_args  # noqa: E402
 from data import build_datasets  # noqa: E402
 from engine.visualize import capture_block_inputs  # noqa: E402
 from models import Backbone  # noqa: E402

@@ -14,13 +14,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from _project import use_project
 
-from _config import write_file
-from _inputs import load_images, load_model
+use_project()  # before the project's own imports
 
-from engine.export import RTOL, check_export, export_onnx, matches, onnx_difference, small_pair
-from models.attention import ATTENTION_BLOCKS
-from models.backbones import SMALL_OPTIONS
+from _config import write_file  # noqa: E402
+from _inputs import load_images, load_model  # noqa: E402
+from engine.export import RTOL, check_export, export_onnx, matches, onnx_difference, small_pair  # noqa: E402
+from models.attention import ATTENTION_BLOCKS  # noqa: E402
+from models.backbones import SMALL_OPTIONS  # noqa: E402
 
 
 def report_row(backbone: str, block: str) -> dict:

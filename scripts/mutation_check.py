@@ -35,11 +35,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _project import use_project
 
-from engine.files import write_atomically  # noqa: E402  (needs ROOT on the path)
+ROOT = use_project()  # before the project's own imports
+
+from engine.files import write_atomically  # noqa: E402
 from errors import WriteError  # noqa: E402
 
 

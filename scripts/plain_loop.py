@@ -13,14 +13,17 @@ import argparse
 import time
 
 import torch
-from _config import compose_from_argv
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets
 from torchvision import transforms as T
+from _project import use_project
 
-from data.samplers import balanced_indices
-from models import build_model
+use_project()  # before the project's own imports
+
+from _config import compose_from_argv  # noqa: E402
+from data.samplers import balanced_indices  # noqa: E402
+from models import build_model  # noqa: E402
 
 
 def folder_subset(root: str, split: str, transform, samples: int | None) -> torch.utils.data.Dataset:

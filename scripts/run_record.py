@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _config import ROOT
+from _project import ROOT
 
 COMPARED = ("lr", "train_loss", "val_loss", "top1_err")
 DECIMALS = 4

@@ -14,11 +14,13 @@ per block. Written to ``out/<image>.png`` (default out: visualizations/); the la
 import json
 import sys
 from pathlib import Path
+from _project import use_project
 
-from _config import write_file
-from _inputs import load_images, load_model, split_args
+use_project()  # before the project's own imports
 
-from engine.visualize import attention_figure, collect_maps, gradcam
+from _config import write_file  # noqa: E402
+from _inputs import load_images, load_model, split_args  # noqa: E402
+from engine.visualize import attention_figure, collect_maps, gradcam  # noqa: E402
 
 DEFAULTS = {"checkpoint": None, "images": None, "num_images": 4, "query": [0.5, 0.5], "out": "visualizations",
             "gradcam": True}

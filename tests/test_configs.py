@@ -126,7 +126,26 @@ def test_every_experiment_starts_with_its_command_and_builds(experiment):
 
 
 # Recipes whose schedule is a paper's shortened to fit the development CPU: the least epochs they keep.
-COMPRESSED_SCHEDULES = {"cifar10_resnet20": 32}
+COMPRESSED_SCHEDULES = {"cifar10_resnet20": 64, "cifar10_resnet20_step32": 32}
+
+
+def test_the_resnet20_recipe_is_the_schedule_chosen_on_the_hold_out_run_in_final_mode():
+    """docs/results.md names the winning candidate: the recipe is its command, on all 50k images, tested once."""
+    record = json.loads((CONFIG_DIR.parent / "docs" / "runs" / "schedule" / CHOSEN_SCHEDULE / "record.json").read_text())
+    candidate = [o for o in record["overrides"] if not o.startswith(("hydra.", "data.protocol="))]
+    chosen = compose_config(*candidate, "data.protocol=final", "data.val_split=0")
+    recipe = compose_config("experiment=cifar10_resnet20", *[o for o in candidate if o.startswith(RUN_SETTINGS)])
+    as_dict = [OmegaConf.to_container(c, resolve=True) for c in (recipe, chosen)]
+    for values in as_dict:
+        del values["sched"]["decay_epochs"]  # the step schedule's milestones: unused by the chosen decay
+    assert as_dict[0] == as_dict[1]
+    assert recipe.data.protocol == "final" and recipe.data.val_split == 0 and recipe.trainer.epochs == 64
+
+
+# The candidate docs/results.md names the winner, and the overrides of its record that say how it ran
+# (where, with which data copy) rather than what it trained.
+CHOSEN_SCHEDULE = "B"
+RUN_SETTINGS = ("data.root=", "trainer.checkpoint_every_steps=", "trainer.progress=")
 
 
 def test_the_resnet20_paper_recipe_is_he_et_als_schedule_on_resnet20_with_the_test_set_seen_once():

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+
 from _project import use_project
 
 ROOT = use_project()  # before the project's own imports

@@ -10,6 +10,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
+
 from _project import use_project
 
 use_project()  # before the project's own imports

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from _project import use_project
 
 use_project()  # before the project's own imports

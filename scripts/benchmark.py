@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from _project import use_project
 
 ROOT = use_project()  # before the project's own imports

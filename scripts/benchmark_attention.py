@@ -21,6 +21,7 @@ from timm.layers.coord_attn import CoordAttn
 from timm.models.volo import OutlookAttention as TimmOutlookAttention
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
 from _project import use_project
 
 use_project()  # before the project's own imports

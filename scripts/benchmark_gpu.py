@@ -28,6 +28,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import torch
+
 from _project import use_project
 
 ROOT = use_project()  # before the project's own imports

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
 from _project import use_project
 
 use_project()  # before the project's own imports

@@ -8,6 +8,7 @@ Takes train.py's overrides. Prints parameters and MACs per stage (per branch for
 import json
 import sys
 from collections import Counter
+
 from _project import use_project
 
 use_project()  # before the project's own imports

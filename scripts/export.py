@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+
 from _project import use_project
 
 use_project()  # before the project's own imports

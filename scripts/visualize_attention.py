@@ -14,6 +14,7 @@ per block. Written to ``out/<image>.png`` (default out: visualizations/); the la
 import json
 import sys
 from pathlib import Path
+
 from _project import use_project
 
 use_project()  # before the project's own imports

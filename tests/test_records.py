@@ -1,27 +1,16 @@
 """The run records under docs/runs/: each one's command composes the config its run trained with."""
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from helpers import compose_config
+from engine.tensorboard import flatten
+from tests.helpers import compose_config
 
 RECORDS = sorted((Path(__file__).resolve().parents[1] / "docs" / "runs").rglob("record.json"))
 RUN_ONLY = ("hydra.",)  # where the run wrote its outputs: not part of what it trained
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: value}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def test_there_are_records_to_check():

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data import build_datasets, build_eval_loader, build_loaders, build_test_set, check_in_memory
 from data.fingerprint import split_fingerprint
+from engine.allocator import keep_freed_memory
 from engine.checkpoint import TrainState, load_init_weights
 from engine.complexity import count_macs, count_params
 from engine.distributed import broadcast_object, check_sync_bn, init_distributed, seed_everything, select_device
@@ -62,6 +63,7 @@ class Run:
 def build_run(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[Run, TrainState]:
     """Devices and processes, the model (checked first), data, loss, optimiser, schedule, EMA; resumed."""
     tcfg = cfg.trainer
+    malloc = keep_freed_memory()  # before the first tensors: a step's activations reuse the heap
     device = select_device(tcfg.device)
     precision = build_precision(tcfg.amp, device)
     if launcher_rank() != 0:
@@ -97,7 +99,7 @@ def build_run(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[
     state.data_fingerprint = fingerprint
     restore_resumed(state, resumed, world_size, tcfg.eval_only)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.writes_outputs else None
-    _start_metrics(run, state, summary)
+    _start_metrics(run, state, {**summary, "host_malloc": "tuned" if malloc else "default"})
     return run, state
 
 

@@ -2,6 +2,19 @@
 
 Usage: python scripts/benchmark.py [--root DIR] [--train-samples N] [--val-samples M] [--epochs E]
        [--rounds R] [--steps S] [train.py overrides, e.g. model=resnet20 attention=se]
+       python scripts/benchmark.py --recipe [--threads T] [--parallel P] [--root DIR] [--train-samples N]
+       [--rounds R] [--steps S] experiment=cifar10_resnet20 [attention=se ...]
+
+``--recipe``: the recipe as users run it against its compute-only step (``scripts/compute_loop.py``: the same
+model, batch, precision, memory format, optimiser and allocator on batches already in memory). Protocol:
+``--rounds`` (at least 3) rounds, the two sides alternating (recipe first in even rounds, compute first in
+odd ones), every process with ``OMP_NUM_THREADS=--threads``; ``--parallel P`` starts P copies of a side at
+once (the recipe's with seeds 0..P-1: P seeds side by side) and adds their rates. The recipe's rate is
+train.py's steady state (the median of its logged ``train/images_per_s`` after the first interval) over one
+epoch of ``--train-samples`` images (``trainer.stop_after_epochs=1``); the compute side's is ``--steps``
+timed steps after 10 untimed. Prints each side's median and their ratio (target >= 0.95).
+
+Without ``--recipe``:
 
 One invocation, each comparison's two sides in ABBA order (the whole processes over the rounds, the
 in-memory loops within each round), so drift in machine load hits both sides alike:
@@ -16,6 +29,7 @@ in-memory loops within each round), so drift in machine load hits both sides ali
    first, which holds the warm-up) against the engine's in-memory step rate of (2) at the same precision.
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -117,6 +131,45 @@ def run_process(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def recipe_report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scratch: Path) -> None:
+    """``--recipe``: train.py's steady rate against the compute-only loop's, alternating, medians and ratio."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    sizes = [f"data.max_train_samples={args.train_samples}", "trainer.stop_after_epochs=1", "trainer.progress=false"]
+
+    def recipe_round(r: int) -> float:
+        dirs = [scratch / f"recipe{r}_{k}" for k in range(args.parallel)]
+        run_together([[python, "train.py", *overrides, f"data.root={args.root}", *sizes, f"seed={k}",
+                       f"hydra.run.dir={d}"] for k, d in enumerate(dirs)], env)
+        return sum(steady_rate(d) for d in dirs)
+
+    def compute_round(r: int) -> float:
+        outputs = run_together([[python, "scripts/compute_loop.py", "--json", f"--steps={args.steps}",
+                                 *overrides]] * args.parallel, env)
+        return sum(json.loads(out.splitlines()[-1])["images_per_s"] for out in outputs)
+
+    rates: dict[str, list[float]] = {"recipe": [], "compute": []}
+    for r in range(args.rounds):
+        for name, side in ([("recipe", recipe_round), ("compute", compute_round)][::1 if r % 2 == 0 else -1]):
+            rates[name].append(side(r))
+            print(f"round {r + 1}: {name} {rates[name][-1]:.0f} img/s", flush=True)
+    recipe, compute = statistics.median(rates["recipe"]), statistics.median(rates["compute"])
+    print(f"recipe {' '.join(overrides)}: {args.parallel} process(es) x {args.threads} thread(s), "
+          f"{os.cpu_count()} CPUs, {args.rounds} rounds, {args.train_samples} images an epoch")
+    print(f"train.py {recipe:.0f} img/s, compute-only {compute:.0f} img/s (medians), ratio {recipe / compute:.3f} "
+          "(target >= 0.95)")
+
+
+def run_together(commands: list[list[str]], env: dict[str, str]) -> list[str]:
+    """Start every command at once, wait for all; their stdout, or stop the benchmark when one fails."""
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    outputs = [proc.communicate() for proc in procs]
+    for cmd, proc, (_, err) in zip(commands, procs, outputs):
+        if proc.returncode != 0:
+            sys.exit(f"benchmark: {' '.join(cmd[:3])} ... failed:\n{err[-2000:]}")
+    return [out for out, _ in outputs]
+
+
 def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scratch: Path) -> None:
     """Run the rounds (train.py's runs under ``scratch``) and print the three comparisons."""
     sizes = [f"data.max_train_samples={args.train_samples}", f"data.max_val_samples={args.val_samples}",
@@ -160,7 +213,10 @@ def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scr
           f"ratio {real_rate / engine_rate:.3f} (goal >= 0.90)")
 
 
-def main() -> None:
+RECIPE_TRAIN_SAMPLES = 20_000  # --recipe: eight logged intervals of 20 steps after the first at batch 128
+
+
+def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the alternating rounds, print medians and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "cifar10"),
@@ -169,15 +225,24 @@ def main() -> None:
     parser.add_argument("--val-samples", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds of each side (even: ABBA balances)")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per in-memory round")
-    args, overrides = parser.parse_known_args()
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per in-memory round (default 30; --recipe: 100 compute-only steps)")
+    parser.add_argument("--recipe", action="store_true", help="train.py against its compute-only loop (above)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="--recipe: OMP_NUM_THREADS of each process")
+    parser.add_argument("--parallel", type=int, default=1, help="--recipe: processes of each side at once")
+    args, overrides = parser.parse_known_args(argv)
     if not (Path(args.root) / "train").is_dir():
         sys.exit(f"benchmark: no image folder at {args.root}; pass --root DIR")
+    if args.recipe and args.rounds < 3:
+        sys.exit(f"benchmark: --rounds={args.rounds}; the protocol takes the median of at least 3 rounds")
+    args.steps = args.steps or (100 if args.recipe else 30)
+    if args.recipe and args.train_samples == parser.get_default("train_samples"):
+        args.train_samples = RECIPE_TRAIN_SAMPLES
     overrides = ["data=cifar10", *overrides]
     cfg = compose_from_argv(overrides)
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="attnlab-benchmark-") as scratch:
-        report(args, overrides, cfg, python, Path(scratch))
+        (recipe_report if args.recipe else report)(args, overrides, cfg, python, Path(scratch))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,32 @@ def test_benchmark_attention_measures_every_block_and_timms_where_it_has_one():
         assert float(cells[1]) > 0 and float(cells[4]) > 0  # our time and peak memory were measured
 
 
+def test_the_compute_only_loop_times_the_recipes_own_model_and_settings():
+    proc = run_script("compute_loop.py", "--steps=2", "--warmup=1", "--json", "experiment=cifar10_resnet20",
+                      "attention=se", in_process=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["images_per_s"] > 0 and result["batch"] == 128 and result["steps"] == 2
+    assert result["torch_threads"] == 1 and result["deterministic"] is True  # the recipe's kernels, one thread
+
+
+@pytest.mark.slow
+def test_the_recipe_benchmark_alternates_train_py_with_its_compute_only_loop(cifar10_root):
+    proc = run_script("benchmark.py", "--recipe", "--threads=1", "--rounds=3", "--train-samples=512", "--steps=2",
+                      f"--root={cifar10_root}", "experiment=cifar10_resnet20", "trainer.log_interval=1",
+                      in_process=False)
+    assert proc.returncode == 0, proc.stderr
+    rounds = [line.split(": ", 1)[1].split()[0] for line in proc.stdout.splitlines() if line.startswith("round")]
+    assert rounds == ["recipe", "compute", "compute", "recipe", "recipe", "compute"]  # alternating
+    assert "1 process(es) x 1 thread(s)" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_the_recipe_benchmark_takes_at_least_three_rounds(cifar10_root):
+    proc = run_script("benchmark.py", "--recipe", "--rounds=2", f"--root={cifar10_root}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "benchmark: --rounds=2; the protocol takes the median of at least 3 rounds"
+
+
 def fake_run(root, name: str, config: dict, metrics: dict):
     """A run directory as train.py leaves it (config.yaml + metrics.json), with given contents."""
     import yaml

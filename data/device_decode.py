@@ -23,7 +23,6 @@ from data.corrupt import Batch, SkipCorrupt, Skipped, batch_skipped
 from data.folder import load_rgb
 from errors import DataError
 
-DECODE_CHOICES = ("cpu", "gpu", "auto")
 JPEG_MAGIC = (0xFF, 0xD8)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 
+from choices import IN_MEMORY_CHOICES
 from data.digits import DigitsDataset
 from data.folder import load_rgb
 from data.transforms import CropFlip
@@ -24,7 +25,6 @@ from errors import ConfigError
 
 log = logging.getLogger("attnlab")
 
-IN_MEMORY_CHOICES = ("auto", "true", "false")
 RESIDENT_RECIPES = ("cifar10", "cifar100", "digits")  # the pad-crop-flip recipe; ImageNet's crops vary in size
 MAX_BYTES = 4 * 2**30  # whichever is smaller: 4 GiB or this fraction of the machine's memory
 MAX_MEMORY_FRACTION = 0.2

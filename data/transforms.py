@@ -77,16 +77,16 @@ class CropFlip:
         device, p = images.device, self.padding
         padded = torch.nn.functional.pad(images, (p, p, p, p)) if p else images
         span = torch.arange(self.size, device=device)
-        rows = torch.as_tensor(tops, device=device)[:, None] + span  # B, size
-        cols = torch.as_tensor(lefts, device=device)[:, None] + span
+        rows = torch.as_tensor(tops, dtype=torch.long, device=device)[:, None] + span  # B, size
+        cols = torch.as_tensor(lefts, dtype=torch.long, device=device)[:, None] + span
         flipped = torch.as_tensor(flips, device=device)[:, None]
         cols = torch.where(flipped, cols.flip(1), cols)  # a flip reads the crop's columns backwards
         # one gather over each padded image's flattened pixels, the same offsets for every channel: 9x faster
         # on the CPU than indexing with four broadcast index tensors (0.42 against 3.8 ms for 128 CIFAR images)
         batch, channels, padded_height, padded_width = padded.shape
-        pixels = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(batch, 1, -1)
+        pixels = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(batch, 1, self.size * self.size)
         flat = padded.reshape(batch, channels, padded_height * padded_width)
-        return flat.gather(2, pixels.expand(batch, channels, -1)).reshape(batch, channels, self.size, self.size)
+        return flat.gather(2, pixels.expand(batch, channels, self.size * self.size)).reshape(batch, channels, self.size, self.size)
 
 
 class TrainTransform:

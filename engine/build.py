@@ -99,7 +99,8 @@ def build_run(cfg: DictConfig, run_dir: Path, resumed: Resumed | None) -> tuple[
     state.data_fingerprint = fingerprint
     restore_resumed(state, resumed, world_size, tcfg.eval_only)
     run.writer = LazyWriter(str(run_dir / "tensorboard")) if run.writes_outputs else None
-    _start_metrics(run, state, {**summary, "host_malloc": "tuned" if malloc else "default"})
+    # "tuned" only when both thresholds took: a partial setting is not what the speed figures measured
+    _start_metrics(run, state, summary, host_malloc="tuned" if len(malloc) == 2 else "default")
     return run, state
 
 
@@ -123,12 +124,13 @@ def _build_data(cfg: DictConfig, resumed: Resumed | None, rank: int, world_size:
     return train_loader, val_loader, test_loader, fingerprint
 
 
-def _start_metrics(run: Run, state: TrainState, summary: dict[str, int]) -> None:
-    """metrics.json from the start ("running", the model's size, a resumed run's history), and the config
-    keys this resume changed."""
+def _start_metrics(run: Run, state: TrainState, summary: dict[str, int], host_malloc: str) -> None:
+    """metrics.json from the start ("running", the model's size, the threads and the allocator setting, a
+    resumed run's history), and the config keys this resume changed."""
     tcfg = run.cfg.trainer
     run.metrics = {"status": "running", "epoch": state.epoch if not tcfg.eval_only else 0, "epochs": tcfg.epochs,
-                   **summary, "torch_threads": torch.get_num_threads()}  # one and two threads round differently
+                   **summary, "torch_threads": torch.get_num_threads(),  # one and two threads round differently
+                   "host_malloc": host_malloc}
     if state.history:
         run.metrics.update(state.history[-1], history=state.history)
         if "top1_err" in state.history[-1]:  # evaluated every epoch (not data.protocol=final)

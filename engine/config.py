@@ -14,15 +14,12 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from choices import DECODE_CHOICES, IN_MEMORY_CHOICES, NORMS, STEMS
 from errors import ConfigError
 
 # The allowed values of the enumerated keys (tests/test_configs.py checks that the code accepts exactly these).
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "imagefolder", "multilabel_csv")
-STEMS = ("cifar", "imagenet")
-NORMS = ("batch", "group")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
-IN_MEMORY_CHOICES = ("auto", "true", "false")
-DECODE_CHOICES = ("cpu", "gpu", "auto")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "linear", "step", "exponential", "none")
 ERASING_MODES = ("pixel", "rand", "const")

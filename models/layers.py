@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from choices import STEMS
 from models.attention.base import AttentionBlock, conv_bn_act
 
 Factory = Callable[..., nn.Module]
@@ -57,9 +58,6 @@ class AttentionSlots:
         if factory is None:
             return default()
         return self._wrap(factory(in_channels, out_channels, stride))
-
-
-STEMS = ("cifar", "imagenet")
 
 
 def check_stem(kind: str) -> None:

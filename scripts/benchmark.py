@@ -7,12 +7,12 @@ Usage: python scripts/benchmark.py [--root DIR] [--train-samples N] [--val-sampl
 
 ``--recipe``: the recipe as users run it against its compute-only step (``scripts/compute_loop.py``: the same
 model, batch, precision, memory format, optimiser and allocator on batches already in memory). Protocol:
-``--rounds`` (at least 3) rounds, the two sides alternating (recipe first in even rounds, compute first in
-odd ones), every process with ``OMP_NUM_THREADS=--threads``; ``--parallel P`` starts P copies of a side at
+``--rounds`` (at least 3) rounds, the two sides alternating (the recipe first in rounds 1, 3, 5, ...), every
+process with ``OMP_NUM_THREADS=--threads``; ``--parallel P`` starts P copies of a side at
 once (the recipe's with seeds 0..P-1: P seeds side by side) and adds their rates. The recipe's rate is
 train.py's steady state (the median of its logged ``train/images_per_s`` after the first interval) over one
-epoch of ``--train-samples`` images (``trainer.stop_after_epochs=1``); the compute side's is ``--steps``
-timed steps after 10 untimed. Prints each side's median and their ratio (target >= 0.95).
+epoch of ``--train-samples`` images (default 20,000; ``trainer.stop_after_epochs=1``); the compute side's is
+``--steps`` timed steps (default 100) after 10 untimed. Prints each side's median and their ratio (target >= 0.95).
 
 Without ``--recipe``:
 
@@ -51,6 +51,10 @@ from engine.optim import build_optimizer, build_scheduler  # noqa: E402
 from engine.distributed import select_device  # noqa: E402
 from engine.trainer import StepOptions, build_precision, train_one_epoch  # noqa: E402
 from models import build_model  # noqa: E402
+
+
+RECIPE_TRAIN_SAMPLES = 20_000  # --recipe: 157 steps at batch 128, so seven logged intervals after the first
+PLAIN_TRAIN_SAMPLES = 10_000
 
 
 def plain_steps(model, criterion, batches, optimizer, precision) -> None:
@@ -136,15 +140,19 @@ def recipe_report(args: argparse.Namespace, overrides: list[str], cfg, python: s
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     sizes = [f"data.max_train_samples={args.train_samples}", "trainer.stop_after_epochs=1", "trainer.progress=false"]
 
+    epoch_rates: list[float] = []  # the whole epoch's, first steps (and a compile) included
+
     def recipe_round(r: int) -> float:
         dirs = [scratch / f"recipe{r}_{k}" for k in range(args.parallel)]
         run_together([[python, "train.py", *overrides, f"data.root={args.root}", *sizes, f"seed={k}",
-                       f"hydra.run.dir={d}"] for k, d in enumerate(dirs)], env)
+                       f"hydra.run.dir={d}"] for k, d in enumerate(dirs)], env, scratch / f"recipe{r}")
+        epoch_rates.append(sum(json.loads((d / "metrics.json").read_text())["history"][-1]["train_images_per_s"]
+                               for d in dirs))
         return sum(steady_rate(d) for d in dirs)
 
     def compute_round(r: int) -> float:
         outputs = run_together([[python, "scripts/compute_loop.py", "--json", f"--steps={args.steps}",
-                                 *overrides]] * args.parallel, env)
+                                 *overrides]] * args.parallel, env, scratch / f"compute{r}")
         return sum(json.loads(out.splitlines()[-1])["images_per_s"] for out in outputs)
 
     rates: dict[str, list[float]] = {"recipe": [], "compute": []}
@@ -156,18 +164,24 @@ def recipe_report(args: argparse.Namespace, overrides: list[str], cfg, python: s
     print(f"recipe {' '.join(overrides)}: {args.parallel} process(es) x {args.threads} thread(s), "
           f"{os.cpu_count()} CPUs, {args.rounds} rounds, {args.train_samples} images an epoch")
     print(f"train.py {recipe:.0f} img/s, compute-only {compute:.0f} img/s (medians), ratio {recipe / compute:.3f} "
-          "(target >= 0.95)")
+          f"(target >= 0.95); train.py's whole epoch, first steps included: {statistics.median(epoch_rates):.0f} img/s")
 
 
-def run_together(commands: list[list[str]], env: dict[str, str]) -> list[str]:
-    """Start every command at once, wait for all; their stdout, or stop the benchmark when one fails."""
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd in commands]
-    outputs = [proc.communicate() for proc in procs]
-    for cmd, proc, (_, err) in zip(commands, procs, outputs):
-        if proc.returncode != 0:
-            sys.exit(f"benchmark: {' '.join(cmd[:3])} ... failed:\n{err[-2000:]}")
-    return [out for out, _ in outputs]
+def run_together(commands: list[list[str]], env: dict[str, str], logs: Path) -> list[str]:
+    """Start every command at once, wait for all; their stdout, or stop the benchmark when one fails.
+
+    Output goes to files under ``logs`` (not pipes, which a process could fill and then wait on while timed).
+    """
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for k, cmd in enumerate(commands):
+        with open(logs / f"{k}.out", "w") as out, open(logs / f"{k}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err))
+    for k, (cmd, proc) in enumerate(zip(commands, procs)):
+        if proc.wait() != 0:
+            sys.exit(f"benchmark: process {k} of {logs} ({' '.join(cmd[1:3])} ...) failed:\n"
+                     f"{(logs / f'{k}.err').read_text()[-2000:]}")
+    return [(logs / f"{k}.out").read_text() for k in range(len(commands))]
 
 
 def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scratch: Path) -> None:
@@ -213,31 +227,33 @@ def report(args: argparse.Namespace, overrides: list[str], cfg, python: str, scr
           f"ratio {real_rate / engine_rate:.3f} (goal >= 0.90)")
 
 
-RECIPE_TRAIN_SAMPLES = 20_000  # --recipe: eight logged intervals of 20 steps after the first at batch 128
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the alternating rounds, print medians and ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(ROOT.parent / "shared" / "data" / "cifar10"),
                         help="a CIFAR-10 image folder (train/<class>/*, val/<class>/*)")
-    parser.add_argument("--train-samples", type=int, default=10_000)
+    parser.add_argument("--train-samples", type=int, default=None,
+                        help=f"default {PLAIN_TRAIN_SAMPLES:,}; --recipe: {RECIPE_TRAIN_SAMPLES:,}")
     parser.add_argument("--val-samples", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds of each side (even: ABBA balances)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per in-memory round (default 30; --recipe: 100 compute-only steps)")
     parser.add_argument("--recipe", action="store_true", help="train.py against its compute-only loop (above)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="--recipe: OMP_NUM_THREADS of each process")
+    parser.add_argument("--threads", type=int, default=None, help="--recipe: OMP_NUM_THREADS of each process "
+                        "(default: this machine's CPUs)")
     parser.add_argument("--parallel", type=int, default=1, help="--recipe: processes of each side at once")
     args, overrides = parser.parse_known_args(argv)
-    if not (Path(args.root) / "train").is_dir():
-        sys.exit(f"benchmark: no image folder at {args.root}; pass --root DIR")
     if args.recipe and args.rounds < 3:
         sys.exit(f"benchmark: --rounds={args.rounds}; the protocol takes the median of at least 3 rounds")
+    for name in ("threads", "parallel", "steps", "train_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            sys.exit(f"benchmark: --{name.replace('_', '-')}={getattr(args, name)}; use an integer >= 1")
+    if not (Path(args.root) / "train").is_dir():
+        sys.exit(f"benchmark: no image folder at {args.root}; pass --root DIR")
     args.steps = args.steps or (100 if args.recipe else 30)
-    if args.recipe and args.train_samples == parser.get_default("train_samples"):
-        args.train_samples = RECIPE_TRAIN_SAMPLES
+    args.threads = args.threads or os.cpu_count()
+    args.train_samples = args.train_samples or (RECIPE_TRAIN_SAMPLES if args.recipe else PLAIN_TRAIN_SAMPLES)
     overrides = ["data=cifar10", *overrides]
     cfg = compose_from_argv(overrides)
     python = sys.executable

@@ -4,17 +4,18 @@ already in memory, with no data path; the ceiling that ``scripts/benchmark.py --
 Usage: python scripts/compute_loop.py [--steps N] [--warmup W] [--json] [train.py overrides, e.g.
        experiment=cifar10_resnet20 attention=se]
 
-It builds what train.py builds from the same overrides (``models.build_model``, ``engine.optim``'s
-optimiser and precision, channels_last as configured) and sets glibc's allocator as train.py does
-(``engine.allocator``) and its ``trainer.deterministic``, takes ``--warmup`` steps, then times ``--steps`` forward/backward/update steps
-on eight random batches in turn, and prints images per second. Threads: torch's default, or
-OMP_NUM_THREADS, as for train.py.
+It builds the step train.py builds from the same overrides: ``models.build_model``, the loss and
+mixup (``engine.losses``), the optimiser and precision, channels_last, ``trainer.compile``, gradient
+clipping and the EMA as configured, glibc's allocator setting (``engine.allocator``) and
+``trainer.deterministic``. It takes ``--warmup`` steps, then times ``--steps`` steps on eight random
+batches in turn, and prints images per second. Threads: torch's default, or OMP_NUM_THREADS.
 """
 import argparse
 import json
 import time
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from _project import use_project
@@ -24,6 +25,7 @@ use_project()  # before the project's own imports
 from _config import compose_from_argv  # noqa: E402
 from engine.allocator import keep_freed_memory  # noqa: E402
 from engine.distributed import seed_everything, select_device  # noqa: E402
+from engine.losses import build_criterion  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.trainer import build_precision  # noqa: E402
 from models import build_model  # noqa: E402
@@ -42,18 +44,28 @@ def compute_rate(overrides: list[str], steps: int, warmup: int) -> dict:
     model = build_model(cfg.model, cfg.attention, cfg.attention_extra, cfg.data.num_classes, cfg.data.image_size)
     model.to(device, memory_format=memory_format).train()
     optimizer = build_optimizer(model, cfg.optim)
+    ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema else None
+    trained = torch.compile(model) if cfg.trainer.compile else model
     size, batch = cfg.data.image_size, cfg.data.batch_size
     batches = [(torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format),
                 torch.randint(0, cfg.data.num_classes, (batch,), device=device)) for _ in range(BATCHES)]
-    criterion = nn.CrossEntropyLoss()
+    criterion, mixup = build_criterion(cfg.data, mix_token=bool(cfg.model.get("mix_token")))
 
     def step(i: int) -> None:
         x, y = batches[i % BATCHES]
+        if mixup is not None:
+            x, y = mixup(x, y)
         with precision.autocast():
-            loss = criterion(model(x), y)
-        loss.backward()
-        optimizer.step()
+            loss = criterion(trained(x), y)
+        precision.scaler.scale(loss).backward()
+        if cfg.optim.clip_grad:
+            precision.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, step=i)
 
     for i in range(warmup):
         step(i)
@@ -66,8 +78,8 @@ def compute_rate(overrides: list[str], steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"images_per_s": steps * batch / seconds, "steps": steps, "batch": batch, "seconds": seconds,
-            "torch_threads": torch.get_num_threads(), "host_malloc": "tuned" if malloc else "default",
-            "deterministic": bool(cfg.trainer.deterministic)}
+            "torch_threads": torch.get_num_threads(), "host_malloc": "tuned" if len(malloc) == 2 else "default",
+            "deterministic": bool(cfg.trainer.deterministic), "compiled": bool(cfg.trainer.compile)}
 
 
 def main(argv: list[str] | None = None) -> None:

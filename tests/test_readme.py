@@ -27,6 +27,7 @@ from tests.helpers import CONFIG_DIR, ROOT, compose_config
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+SHELL_OPERATORS = {"&", "&&", ";", "|", "||"}
 # What a script's main may call before it parses its arguments: building the parser, nothing that works.
 PARSER_BUILDING = {"ArgumentParser", "add_argument", "add_subparsers", "add_parser", "add_argument_group",
                    "add_mutually_exclusive_group", "set_defaults", "index", "len", "list", "str", "int", "float",
@@ -56,11 +57,14 @@ def bash_commands(page: Path) -> list[tuple[int, str]]:
 
 
 def words(command: str) -> list[str]:
-    """The command's words as the shell splits them, up to a ``# comment`` and without leading ``VAR=value``s."""
+    """The command's words as the shell splits them, up to a ``# comment`` or a control operator (``&``, ``;``,
+    ...) and without leading ``VAR=value``s."""
     lexer = shlex.shlex(command, posix=True)
     lexer.whitespace_split, lexer.commenters = True, ""  # a '#' inside a word is no comment to the shell
     tokens = []
     while (token := lexer.get_token()) is not None and not token.startswith("#"):  # the comment is not lexed
+        if token in SHELL_OPERATORS:  # `... &` runs it in the background: the command ends there
+            break
         tokens.append(token)
     while tokens and ENV_ASSIGNMENT.match(tokens[0]):
         tokens = tokens[1:]

@@ -94,10 +94,12 @@ def test_the_recipe_benchmark_alternates_train_py_with_its_compute_only_loop(cif
     assert "1 process(es) x 1 thread(s)" in proc.stdout and "ratio" in proc.stdout
 
 
-def test_the_recipe_benchmark_takes_at_least_three_rounds(cifar10_root):
-    proc = run_script("benchmark.py", "--recipe", "--rounds=2", f"--root={cifar10_root}")
+def test_the_recipe_benchmark_takes_at_least_three_rounds_and_one_process():
+    proc = run_script("benchmark.py", "--recipe", "--rounds=2")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "benchmark: --rounds=2; the protocol takes the median of at least 3 rounds"
+    proc = run_script("benchmark.py", "--recipe", "--parallel=0")
+    assert proc.returncode == 1 and proc.stderr.strip() == "benchmark: --parallel=0; use an integer >= 1"
 
 
 def fake_run(root, name: str, config: dict, metrics: dict):

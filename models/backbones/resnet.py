@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from choices import NORMS
 from models.backbones.base import PooledBackbone, register_backbone
 from models.layers import AttentionSlots, check_stem, build_stages, restore_block_inits, stem_slot
 from models.placement import POSITIONS, AttentionPlan, AttentionSpec
@@ -26,9 +27,6 @@ Norm = Callable[[int], nn.Module]
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """The units' 3x3 conv (no bias: a norm follows)."""
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-
-
-NORMS = ("batch", "group")
 
 
 def norm_factory(kind: str, groups: int = 32) -> Norm:
